@@ -1,0 +1,83 @@
+"""The chunk algorithm in stage order (DESIGN §3): the only place that knows the order.
+
+Inputs are the canonical tensors of a :class:`~dplr.transition.Transition` (see
+:class:`Problem`); the front-ends in :mod:`dplr.api` produce them. Everything here is plain
+PyTorch and differentiable by autograd, so the backward comes for free; memory stays
+``O(T·C + (T/C)·K·V)`` per head (chunk matrices and one state per chunk), never ``O(T²)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .torch_chunk.cumsum import chunk_decays
+from .torch_chunk.intra import intra_chunk
+from .torch_chunk.layout import ChunkLayout
+from .torch_chunk.output import chunk_output
+from .torch_chunk.solve import pseudo_values
+from .torch_chunk.state import state_pass
+from .transition import Transition, expand_heads
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One call, in the canonical form of its transition.
+
+    ``q, k [B,T,H,K]``, ``v [B,T,HV,V]``; ``g`` log decay ``[B,T,HV]`` or ``[B,T,HV,K]`` (or
+    ``None``); ``beta [B,T,HV]`` for tied transitions; ``a, b [B,T,H,K]`` for general ones;
+    ``initial_state [N,HV,K,V]`` or ``None``; ``cu_seqlens`` as host integers or ``None``.
+    """
+
+    transition: Transition
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    g: torch.Tensor | None
+    beta: torch.Tensor | None
+    a: torch.Tensor | None
+    b: torch.Tensor | None
+    scale: float
+    initial_state: torch.Tensor | None
+    cu_seqlens: list[int] | None
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        # fp64 inputs are computed in fp64 (the tests' exact mode); everything else in fp32.
+        return torch.float64 if self.q.dtype == torch.float64 else torch.float32
+
+    @property
+    def num_seqs(self) -> int:
+        return self.q.shape[0] if self.cu_seqlens is None else len(self.cu_seqlens) - 1
+
+    def start_state(self) -> torch.Tensor:
+        HV, K, V = self.v.shape[2], self.q.shape[3], self.v.shape[3]
+        if self.initial_state is None:
+            return self.q.new_zeros(self.num_seqs, HV, K, V, dtype=self.compute_dtype)
+        return self.initial_state.to(self.compute_dtype)
+
+
+def chunk_fwd(problem: Problem, *, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns ``(o [B,T,HV,V], final_state [N,HV,K,V])``, both in the compute dtype."""
+    p, dtype, HV = problem, problem.compute_dtype, problem.v.shape[2]
+    B, T = p.q.shape[:2]
+    layout = ChunkLayout.build(batch=B, seq_len=T, cu_seqlens=p.cu_seqlens, chunk_size=chunk_size, device=p.q.device)
+    q, k, a, b = (expand_heads(layout.gather(x, dtype), HV, dim=1) for x in (p.q, p.k, p.a, p.b))
+    v, beta = layout.gather(p.v, dtype), layout.gather(p.beta, dtype)
+    g = layout.gather(p.g, torch.float64)  # cumulative decays are summed in fp64 (see cumsum)
+
+    decays = chunk_decays(g)
+    intra = intra_chunk(p.transition, q=q, k=k, a=a, b=b, decays=decays)
+    pseudo = pseudo_values(p.transition, intra=intra, v=v, beta=beta)
+    states = state_pass(
+        p.transition,
+        layout=layout,
+        decays=decays,
+        intra=intra,
+        v=v,
+        pseudo=pseudo,
+        initial_state=p.start_state(),
+    )
+    out = chunk_output(p.transition, intra=intra, states=states, v=v, scale=p.scale)
+    return layout.scatter(out, p.v.shape), states.final

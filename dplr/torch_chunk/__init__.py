@@ -1,0 +1,1 @@
+"""The PyTorch chunk path (DESIGN §3), one file per stage; `dplr.engine` runs them in order."""

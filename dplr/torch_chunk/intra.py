@@ -1,0 +1,258 @@
+"""Stage 2: the intra-chunk matrices and the decayed key/query vectors.
+
+``A_xy[i, j] = Σ_d x_{i,d} y_{j,d} exp(G^x_{i,d} - G_{j,d})`` over ``j < i`` (the rows of the
+rank-one part, which read ``G^x = G_{i-1}``) or ``j <= i`` (query rows, ``G^x = G_i``).
+
+With a decay per channel the pairwise factor cannot be split as ``exp(G_i) · exp(-G_j)`` over a
+whole chunk: ``exp(-G_j)`` overflows once the chunk has decayed by more than ~88 (fp32). So the
+chunk is cut into sub-blocks of ``SUB`` tokens, and every factor is taken against a reference
+point that keeps it in range (see :class:`_Blocks`): between blocks all exponents are ``<= 0``
+(anything that underflows is truly negligible); inside a block the factors are at most
+``exp(HALF_LIMIT)``. The rare blocks that decay faster (a gate of -60 per step) take an exact
+element-wise product.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from ..transition import Decay, LowRank, Transition
+from .cumsum import Decays, decay_factor
+
+SUB = 16
+# Inside a sub-block factors reach exp(HALF_LIMIT) ≈ 2e17, leaving fp32 (max ≈ 3e38) a margin of
+# exp(48) for the products and their gradients. A gate of -5 per step (Kimi Linear's bound)
+# decays a half-block of 8 tokens by exactly 40, so such gates always take the fast path.
+HALF_LIMIT = 40.0
+
+
+class Intra(NamedTuple):
+    """Per chunk, ``[M, HV, C, ·]``; the fields a transition does not use are ``None``."""
+
+    q_start: torch.Tensor  # q ⊙ exp(G): reads the chunk's initial state (scale applied later)
+    k_end: torch.Tensor  # k ⊙ exp(G_C - G): the keys as the chunk's final state sees them
+    A_qk: torch.Tensor  # [C, C], j <= i
+    k_start: torch.Tensor | None = None  # tied: k ⊙ exp(G)
+    A_kk: torch.Tensor | None = None  # tied: [C, C], j < i
+    a_start: torch.Tensor | None = None  # general: a ⊙ exp(G_{i-1})
+    b_end: torch.Tensor | None = None  # general: b ⊙ exp(G_C - G)
+    A_ab: torch.Tensor | None = None  # general: j < i
+    A_ak: torch.Tensor | None = None  # general: j < i
+    A_qb: torch.Tensor | None = None  # general: j <= i
+
+
+def intra_chunk(
+    transition: Transition,
+    *,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    a: torch.Tensor | None,
+    b: torch.Tensor | None,
+    decays: Decays,
+) -> Intra:
+    """Chunked ``q, k, a, b [M, HV, C, K]`` and the chunk's cumulative decays → :class:`Intra`."""
+    pairs = Pairwise(decays, transition.decay, q.dtype)
+    q_rows, k_cols = pairs.rows(q), pairs.cols(k)
+    fields = dict(
+        q_start=pairs.from_start(q_rows),
+        k_end=pairs.to_end(k),
+        A_qk=pairs.product(q_rows, k_cols, strict=False),
+    )
+    if transition.lowrank is LowRank.TIED:
+        k_rows = pairs.rows(k)
+        fields.update(k_start=pairs.from_start(k_rows), A_kk=pairs.product(k_rows, k_cols, strict=True))
+    elif transition.lowrank is LowRank.GENERAL:
+        a_rows, b_cols = pairs.rows(a, prev=True), pairs.cols(b)
+        fields.update(
+            a_start=pairs.from_start(a_rows),
+            b_end=pairs.to_end(b),
+            A_ab=pairs.product(a_rows, b_cols, strict=True),
+            A_ak=pairs.product(a_rows, k_cols, strict=True),
+            A_qb=pairs.product(q_rows, b_cols, strict=False),
+        )
+    return Intra(**fields)
+
+
+def _causal_mask(n: int, strict: bool, device) -> torch.Tensor:
+    return torch.ones(n, n, dtype=torch.bool, device=device).tril(-1 if strict else 0)
+
+
+class Pairwise:
+    """Forms ``A_xy`` and the decayed vectors for one decay structure.
+
+    ``rows(x)`` and ``cols(y)`` prepare a tensor once for every matrix that uses it (``A_qk``
+    and ``A_kk`` share the key columns); ``rows(a, prev=True)`` reads ``G_{i-1}``.
+    """
+
+    def __init__(self, decays: Decays, decay: Decay, dtype: torch.dtype):
+        self.decay, self.dtype = decay, dtype
+        self.G, self.G_to_end = decays.G, decays.to_end
+        if decay is Decay.CHANNEL:
+            self.blocks = _Blocks(decays.G, dtype)
+
+    def rows(self, x: torch.Tensor, *, prev: bool = False):
+        if self.decay is Decay.CHANNEL:
+            return self.blocks.rows(x, prev)
+        if self.decay is Decay.NONE:
+            return _Rows(x, prev, None)
+        G_prev = torch.cat([torch.zeros_like(self.G[..., :1]), self.G[..., :-1]], dim=-1)
+        return _Rows(x, prev, G_prev if prev else self.G)
+
+    def cols(self, y: torch.Tensor):
+        return self.blocks.cols(y) if self.decay is Decay.CHANNEL else y
+
+    def from_start(self, rows) -> torch.Tensor:
+        """``x ⊙ exp(G_i)`` (``G_{i-1}`` for ``prev`` rows)."""
+        if self.decay is Decay.CHANNEL:
+            return self.blocks.from_start(rows)
+        return rows.x if rows.hat is None else rows.x * decay_factor(rows.hat, self.dtype)[..., None]
+
+    def to_end(self, y: torch.Tensor) -> torch.Tensor:
+        """``y ⊙ exp(G_C - G_j)``."""
+        if self.decay is Decay.NONE:
+            return y
+        factor = decay_factor(self.G_to_end, self.dtype)
+        return y * (factor[..., None] if self.decay is Decay.SCALAR else factor)
+
+    def product(self, rows, cols, *, strict: bool) -> torch.Tensor:
+        """``A_xy``, over ``j < i`` (strict) or ``j <= i``; ``prev`` rows are always strict."""
+        if self.decay is Decay.NONE:
+            return (rows.x @ cols.transpose(-1, -2)) * _causal_mask(rows.x.shape[-2], strict, rows.x.device)
+        if self.decay is Decay.CHANNEL:
+            A = self.blocks.product(rows, cols)
+            x, y = rows.x.flatten(-3, -2), cols.y.flatten(-3, -2)
+        else:
+            x, y = rows.x, cols
+            mask = _causal_mask(x.shape[-2], True, x.device)
+            exponent = (rows.hat[..., :, None] - self.G[..., None, :]).masked_fill(~mask, float("-inf"))
+            A = (x @ y.transpose(-1, -2)) * decay_factor(exponent, self.dtype)
+        # The pairs whose decay is exp(0) exactly (j = i; j = i - 1 for prev rows) are taken apart
+        # and added without the gate: as a product of factors they would pass O(1) gradients into
+        # the gate that cancel only up to rounding, swamping its true gradient under strong decay.
+        if rows.prev:
+            C = A.shape[-1]
+            A = A * torch.ones(C, C, dtype=A.dtype, device=A.device).tril(-2)
+            pair = (x[..., 1:, :] * y[..., :-1, :]).sum(-1)
+            return A + torch.diag_embed(pair, offset=-1)
+        if strict:
+            return A
+        return A + torch.diag_embed((x * y).sum(-1))
+
+
+class _Rows(NamedTuple):
+    x: torch.Tensor  # raw rows ([.., nb, L, K] by sub-block for channel decay)
+    prev: bool  # rows read G_{i-1}
+    hat: torch.Tensor | None  # channel: x ⊙ exp(G_i - s_p) <= |x|; scalar: the rows' log decay
+
+
+class _Cols(NamedTuple):
+    y: torch.Tensor  # [.., nb, L, K] raw columns by sub-block
+    up: torch.Tensor  # y ⊙ exp(m_p - G_j): scaled to the block middle (clamped)
+    down: torch.Tensor  # y ⊙ exp(e_p - G_j): decayed to the block end, <= |y|
+
+
+class _Blocks:
+    """Sub-blocks of ``SUB`` tokens of a channel-decayed chunk and their reference points.
+
+    Per block ``p``: ``s_p`` the decay just before it, ``m_p`` at the end of its first half,
+    ``e_p`` at its last token. Two ``exp`` per token and channel, ``E = exp(G_i - s_p) <= 1`` for
+    rows and ``exp(m_p - G_j)`` for columns; every other factor is a shift or a per-block ``exp``.
+
+    * Inside a block: ``x ⊙ exp(G_i - m_p)`` against ``y ⊙ exp(m_p - G_j)``. Both factors are at
+      most ``exp(HALF_LIMIT)`` when neither half of the block decays by more than ``HALF_LIMIT``,
+      which keeps values *and* their gradients (``exp``'s derivative is itself) inside fp32.
+      Blocks that decay faster (a gate below about -5 per step) are redone exactly.
+    * Between blocks, merged pairwise level by level: the lower half's rows and the upper half's
+      columns meet at ``c``, the decay at the end of the upper half, through
+      ``x ⊙ E ⊙ exp(s_p - c)`` and ``y ⊙ exp(e_q - G_j) ⊙ exp(c - e_q)``; every exponent ``<= 0``.
+    """
+
+    def __init__(self, G: torch.Tensor, dtype: torch.dtype):
+        *self.lead, C, _ = G.shape
+        self.L = min(SUB, C)
+        self.nb = C // self.L
+        self.G = self._split(G)
+        self.end = self.G[..., -1, :]  # e_p    [.., nb, K]
+        self.mid = self.G[..., max(self.L // 2 - 1, 0), :]  # m_p
+        self.start = torch.cat([torch.zeros_like(self.end[..., :1, :]), self.end[..., :-1, :]], dim=-2)  # s_p
+        self.dtype = dtype
+        self.E = self._exp(self.G - self.start[..., None, :])
+        # The clamps only bite in unsafe blocks, whose results are replaced (values and gradients).
+        self.col_up = self._exp((self.mid[..., None, :] - self.G).clamp(max=HALF_LIMIT))
+        self.row_to_mid = self._exp((self.start - self.mid).clamp(max=HALF_LIMIT))[..., None, :]
+        self.mid_to_end = self._exp(self.end - self.mid)[..., None, :]
+        half = torch.maximum(self.start - self.mid, self.mid - self.end).amax(-1)  # [.., nb]
+        unsafe = half > HALF_LIMIT
+        self.unsafe = unsafe.nonzero(as_tuple=True) if bool(unsafe.any()) else None
+
+    def _exp(self, log_decay: torch.Tensor) -> torch.Tensor:
+        return decay_factor(log_decay, self.dtype)
+
+    def _split(self, t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(*self.lead, self.nb, self.L, t.shape[-1])
+
+    def _join(self, t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(*self.lead, self.nb * self.L, t.shape[-1])
+
+    def rows(self, x: torch.Tensor, prev: bool) -> _Rows:
+        x = self._split(x)
+        # exp(G_{i-1} - s_p) is E shifted by one inside the block (exactly 1 at its first token).
+        E = torch.cat([torch.ones_like(self.E[..., :1, :]), self.E[..., :-1, :]], dim=-2) if prev else self.E
+        return _Rows(x, prev, x * E)
+
+    def cols(self, y: torch.Tensor) -> _Cols:
+        y = self._split(y)
+        up = y * self.col_up
+        down = up * self.mid_to_end
+        if self.unsafe is not None:
+            w = self.unsafe
+            down = down.index_put(w, y[w] * self._exp(self.end[w][..., None, :] - self.G[w]))
+        return _Cols(y, up, down)
+
+    def from_start(self, rows: _Rows) -> torch.Tensor:
+        return self._join(rows.hat * self._exp(self.start)[..., None, :])
+
+    def product(self, rows: _Rows, cols: _Cols) -> torch.Tensor:
+        """The strictly lower part (``j < i``) of ``A``."""
+        C = self.nb * self.L
+        # One full product; only its diagonal blocks are right (there both sides share m_p).
+        A = self._join(rows.hat * self.row_to_mid) @ self._join(cols.up).transpose(-1, -2)
+        A = A * self._block_mask(A.device)
+        if self.unsafe is not None:
+            A = self._repair(A, rows, cols)
+        size = self.L  # the blocks of this size on the diagonal are done; merge pairs of them
+        while size < C:
+            m = size // self.L  # sub-blocks per half
+            pairs = C // (2 * size)
+
+            def halves(t: torch.Tensor) -> torch.Tensor:  # split the block axis into pairs of halves
+                return t.reshape(*self.lead, pairs, 2, m, *t.shape[len(self.lead) + 1 :])  # noqa: B023
+
+            mid = halves(self.end)[..., 0, -1:, :]  # [.., pairs, 1, K] decay at the upper half's end
+            lower = halves(rows.hat)[..., 1, :, :, :] * self._exp(halves(self.start)[..., 1, :, :] - mid)[..., None, :]
+            upper = halves(cols.down)[..., 0, :, :, :] * self._exp(mid - halves(self.end)[..., 0, :, :])[..., None, :]
+            off = lower.flatten(-3, -2) @ upper.flatten(-3, -2).transpose(-1, -2)  # [.., pairs, size, size]
+            for r in range(pairs):
+                top = 2 * r * size
+                A[..., top + size : top + 2 * size, top : top + size] = off[..., r, :, :]
+            size *= 2
+        return A
+
+    def _block_mask(self, device) -> torch.Tensor:
+        """Strictly causal inside each diagonal block, zero elsewhere."""
+        blocks = torch.block_diag(*[_causal_mask(self.L, True, device)] * self.nb)
+        return blocks.to(self.E.dtype)
+
+    def _repair(self, A, rows: _Rows, cols: _Cols) -> torch.Tensor:
+        """Blocks whose halves decay by more than HALF_LIMIT: the exact element-wise product, in place."""
+        w = self.unsafe
+        gy = self.G[w]
+        gx = torch.cat([self.start[w][:, None, :], gy[:, :-1, :]], dim=1) if rows.prev else gy
+        mask = _causal_mask(self.L, True, A.device)[..., None]
+        exponent = (gx[:, :, None, :] - gy[:, None, :, :]).masked_fill(~mask, float("-inf"))
+        exact = (rows.x[w][:, :, None, :] * cols.y[w][:, None, :, :] * self._exp(exponent)).sum(-1)
+        blocks = A.view(*self.lead, self.nb, self.L, self.nb, self.L).diagonal(dim1=-4, dim2=-2)
+        blocks.movedim(-1, -3)[w] = exact  # [.., nb, L, L]: a view of A's diagonal blocks
+        return A

@@ -1,0 +1,72 @@
+"""Where each chunk's tokens live: the gather into chunks and the scatter back.
+
+Every sequence (a batch row, or a ``cu_seqlens`` span) is cut into chunks of ``C`` tokens, the
+last one padded. Padding tokens read as zeros (no decay, no key, no value), so they leave the
+state as it is. Chunks are stored *step-major*: first the first chunk of every sequence, then
+the second chunk of every sequence that has one, and so on. Sequences are ordered by their
+chunk count, longest first, so the sequences still running at step ``j`` are always a prefix:
+the sequential state pass works on contiguous slices and needs no gather inside its loop.
+Equal-length batches and packed variable-length batches go through the same code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ChunkLayout:
+    chunk_size: int
+    num_tokens: int  # B * T: flat token positions; this index marks padding
+    token_index: torch.Tensor  # [M, C] flat token position of each chunk slot
+    steps: tuple[int, ...]  # sequences still running at each step (a prefix of `order`)
+    order: torch.Tensor  # [N] sequence ids, longest first
+
+    @property
+    def num_chunks(self) -> int:
+        return self.token_index.shape[0]
+
+    @classmethod
+    def build(cls, *, batch: int, seq_len: int, cu_seqlens: list[int] | None, chunk_size: int, device) -> ChunkLayout:
+        """``cu_seqlens`` as host integers (already validated), or ``None`` for ``batch`` rows."""
+        if cu_seqlens is None:
+            starts = torch.arange(batch, dtype=torch.long) * seq_len
+            lengths = torch.full((batch,), seq_len, dtype=torch.long)
+        else:
+            bounds = torch.tensor(cu_seqlens, dtype=torch.long)
+            starts, lengths = bounds[:-1], bounds[1:] - bounds[:-1]
+        counts = (lengths + chunk_size - 1) // chunk_size
+        order = torch.argsort(counts, descending=True, stable=True)
+        max_count = int(counts.max()) if counts.numel() else 0
+        running = torch.arange(max_count)[:, None] < counts[order][None, :]  # [steps, N]
+        step, rank = running.nonzero(as_tuple=True)  # row-major: step-major chunk order
+        seq = order[rank]
+        first = starts[seq] + step * chunk_size
+        index = first[:, None] + torch.arange(chunk_size)
+        num_tokens = batch * seq_len
+        index = torch.where(index < (starts[seq] + lengths[seq])[:, None], index, num_tokens)
+        return cls(
+            chunk_size=chunk_size,
+            num_tokens=num_tokens,
+            token_index=index.to(device),
+            steps=tuple(int(c) for c in running.sum(1).tolist()),
+            order=order.to(device),
+        )
+
+    def gather(self, x: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+        """``[B, T, heads, *rest]`` → ``[M, heads, C, *rest]`` in ``dtype``, zeros in padding."""
+        if x is None:
+            return None
+        flat = x.reshape(self.num_tokens, *x.shape[2:]).to(dtype)
+        padded = torch.cat([flat, flat.new_zeros(1, *flat.shape[1:])])
+        return padded[self.token_index].movedim(1, 2)
+
+    def scatter(self, y: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """``[M, heads, C, D]`` → ``[B, T, heads, D]``; padding slots are dropped."""
+        rows = y.movedim(2, 1).reshape(-1, *y.shape[1:2], *y.shape[3:])
+        index = self.token_index.reshape(-1)
+        keep = index < self.num_tokens
+        out = rows.new_zeros(self.num_tokens, *rows.shape[1:])
+        return out.index_copy(0, index[keep], rows[keep]).reshape(shape)
