@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import torch
 
-from . import checks, settings
-from .engine import Problem, chunk_fwd
+from . import checks, library, settings
+from .engine import Problem
 from .preprocess import beta_activation, gdn_gate, kda_gate, l2norm
 from .reference import Output
-from .torch_recurrent import recurrent_fwd
 from .transition import FAMILIES, Decay, LowRank, Transition
 
 CHUNK, RECURRENT = "chunk", "recurrent"
@@ -159,9 +158,7 @@ def _dispatch(problem: Problem, mode: str, chunk_size: int) -> tuple[torch.Tenso
     backend = settings.backend()
     if backend == "triton":
         raise RuntimeError("DPLR_BACKEND=triton: this build of dplr has no Triton kernels yet; use 'torch' or 'auto'")
-    if mode == RECURRENT:
-        return recurrent_fwd(problem)
-    return chunk_fwd(problem, chunk_size=chunk_size)
+    return library.dispatch(problem, library.RECURRENT_CHUNK if mode == RECURRENT else chunk_size)
 
 
 # ---------------------------------------------------------------------------------------------

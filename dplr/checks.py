@@ -114,7 +114,7 @@ def check_cu_seqlens(cu_seqlens, cu_seqlens_cpu, *, B: int, T: int, device: torc
                 f"got shape {tuple(cu_seqlens_cpu.shape)} on {cu_seqlens_cpu.device}"
             )
         host = cu_seqlens_cpu.tolist()
-    elif cu_seqlens.device.type == "cpu" or settings.check_values():
+    elif values_checkable(cu_seqlens):
         host = cu_seqlens.tolist()
     if host is not None:
         if host[0] != 0:
@@ -162,7 +162,10 @@ def check_flag(name: str, value) -> None:
 
 
 def values_checkable(x: torch.Tensor) -> bool:
-    """Value checks cost a device sync; they run on CPU tensors or with DPLR_CHECK=1."""
+    """Value checks cost a device sync; they run on CPU tensors or with DPLR_CHECK=1, and never
+    while torch.compile traces (a data-dependent branch would break the graph)."""
+    if torch.compiler.is_compiling():
+        return False
     return x.device.type == "cpu" or settings.check_values()
 
 

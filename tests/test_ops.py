@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -48,7 +50,7 @@ def test_varlen_equals_separate_calls(name, mode):
 
     packed_o, packed_final = op(name, mode)(**dict(args, output_final_state=True))
     tensors = {k: x for k, x in args.items() if isinstance(x, torch.Tensor) and x.dim() >= 3 and k != "initial_state"}
-    for n, (bos, eos) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+    for n, (bos, eos) in enumerate(itertools.pairwise(bounds)):
         single = dict(args, cu_seqlens=None, initial_state=args["initial_state"][n : n + 1], output_final_state=True)
         single.update({k: x[:, bos:eos] for k, x in tensors.items()})
         o, final = op(name, mode)(**single)

@@ -1,0 +1,143 @@
+"""``torch.library`` registration: one custom op per call, so ``torch.compile(fullgraph=True)``
+sees ``dplr::recurrence`` as a single node (with a fake kernel for shapes) instead of tracing
+the chunk loop, its host syncs and its data-dependent branches.
+
+Eager calls skip the wrapper and run the engine under autograd directly. Under compilation the
+op's backward recomputes the forward with autograd and differentiates it (memory stays that of
+one forward; the engine's own graph is never stored across the op boundary).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .engine import Problem, chunk_fwd
+from .torch_recurrent import recurrent_fwd
+from .transition import Decay, LowRank, Transition
+
+RECURRENT_CHUNK = 0  # the chunk_size that selects the token-by-token path
+
+_INPUTS = ("q", "k", "v", "g", "beta", "a", "b", "initial_state")
+
+
+def run(problem: Problem, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The PyTorch path: ``chunk_size == RECURRENT_CHUNK`` runs the token loop."""
+    if chunk_size == RECURRENT_CHUNK:
+        return recurrent_fwd(problem)
+    return chunk_fwd(problem, chunk_size=chunk_size)
+
+
+def _problem(q, k, v, g, beta, a, b, initial_state, cu_seqlens, scale, decay, lowrank) -> Problem:
+    return Problem(
+        transition=Transition(Decay(decay), LowRank(lowrank)), q=q, k=k, v=v, g=g, beta=beta, a=a, b=b,
+        scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens,
+    )  # fmt: skip
+
+
+@torch.library.custom_op("dplr::recurrence", mutates_args=())
+def recurrence_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None,
+    beta: torch.Tensor | None,
+    a: torch.Tensor | None,
+    b: torch.Tensor | None,
+    initial_state: torch.Tensor | None,
+    cu_seqlens: list[int] | None,
+    scale: float,
+    decay: str,
+    lowrank: str,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    problem = _problem(q, k, v, g, beta, a, b, initial_state, cu_seqlens, scale, decay, lowrank)
+    return run(problem, chunk_size)
+
+
+@recurrence_op.register_fake
+def _(q, k, v, g, beta, a, b, initial_state, cu_seqlens, scale, decay, lowrank, chunk_size):
+    B, T, _, K = q.shape
+    HV, V = v.shape[2], v.shape[3]
+    N = B if cu_seqlens is None else len(cu_seqlens) - 1
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return q.new_empty(B, T, HV, V, dtype=dtype), q.new_empty(N, HV, K, V, dtype=dtype)
+
+
+def _autograd_inside_op():
+    """A custom op's kernel runs with the autograd dispatch keys excluded; include them again so
+    the backward can differentiate its recomputed forward. Workaround (private API,
+    ``torch._C._ForceDispatchKeyGuard``) until the PyTorch path has an explicit backward."""
+    keys = torch._C.DispatchKey
+    current = torch._C._dispatch_tls_local_exclude_set()
+    exclude = torch._C.DispatchKeySet(keys.AutocastCPU)  # keep autocast off, as it is here
+    for name in dir(keys):
+        if name.startswith("Autocast") and current.has(getattr(keys, name)):
+            exclude = exclude.add(getattr(keys, name))
+    return torch._C._ForceDispatchKeyGuard(torch._C.DispatchKeySet(keys.BackendSelect), exclude)
+
+
+@torch.library.custom_op("dplr::recurrence_backward", mutates_args=())
+def recurrence_backward_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None,
+    beta: torch.Tensor | None,
+    a: torch.Tensor | None,
+    b: torch.Tensor | None,
+    initial_state: torch.Tensor | None,
+    d_out: torch.Tensor,
+    d_final: torch.Tensor,
+    cu_seqlens: list[int] | None,
+    scale: float,
+    decay: str,
+    lowrank: str,
+    chunk_size: int,
+) -> list[torch.Tensor]:
+    """Gradients for the eight tensor inputs (an empty tensor for an absent one), by recomputing
+    the forward under autograd."""
+    inputs = (q, k, v, g, beta, a, b, initial_state)
+    leaves = [None if t is None else t.detach().requires_grad_(True) for t in inputs]
+    with _autograd_inside_op(), torch.enable_grad():
+        out, final = run(_problem(*leaves, cu_seqlens, scale, decay, lowrank), chunk_size)
+    present = [t for t in leaves if t is not None]
+    grads = iter(torch.autograd.grad((out, final), present, (d_out, d_final), allow_unused=True))
+    result = []
+    for t in leaves:
+        if t is None:
+            result.append(q.new_empty(0))
+        else:
+            grad = next(grads)
+            result.append(torch.zeros_like(t) if grad is None else grad)
+    return result
+
+
+@recurrence_backward_op.register_fake
+def _(q, k, v, g, beta, a, b, initial_state, d_out, d_final, cu_seqlens, scale, decay, lowrank, chunk_size):
+    return [q.new_empty(0) if t is None else torch.empty_like(t) for t in (q, k, v, g, beta, a, b, initial_state)]
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:8])
+    ctx.options = inputs[8:]
+
+
+def _backward(ctx, d_out, d_final):
+    tensors = ctx.saved_tensors
+    grads = recurrence_backward_op(*tensors, d_out, d_final, *ctx.options)
+    result = [None if t is None else grad for t, grad in zip(tensors, grads, strict=True)]
+    return (*result, None, None, None, None, None)
+
+
+recurrence_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def dispatch(problem: Problem, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager: the engine under autograd. Compiling: the registered op."""
+    if not torch.compiler.is_compiling():
+        return run(problem, chunk_size)
+    p = problem
+    return recurrence_op(
+        p.q, p.k, p.v, p.g, p.beta, p.a, p.b, p.initial_state, p.cu_seqlens, p.scale,
+        p.transition.decay.value, p.transition.lowrank.value, chunk_size,
+    )  # fmt: skip
