@@ -14,6 +14,8 @@ returns ``Output(output [B, T, HV, V] in v's dtype, final_state or None)``.
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 from . import checks, library, settings
@@ -156,9 +158,15 @@ def _in_kernel_gate(name: str, f: torch.Tensor, args: dict, dims: checks.Dims, q
 
 def _dispatch(problem: Problem, mode: str, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     backend = settings.backend()
-    if backend == "triton":
-        raise RuntimeError("DPLR_BACKEND=triton: this build of dplr has no Triton kernels yet; use 'torch' or 'auto'")
-    return library.dispatch(problem, library.RECURRENT_CHUNK if mode == RECURRENT else chunk_size)
+    if backend == "auto":
+        backend = "triton" if problem.q.is_cuda and _triton_available() else "torch"
+    elif backend == "triton" and not _triton_available():
+        raise RuntimeError("DPLR_BACKEND=triton, but triton does not import")
+    return library.dispatch(problem, library.RECURRENT_CHUNK if mode == RECURRENT else chunk_size, backend)
+
+
+def _triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 # ---------------------------------------------------------------------------------------------

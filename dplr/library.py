@@ -1,10 +1,12 @@
 """``torch.library`` registration: one custom op per call, so ``torch.compile(fullgraph=True)``
 sees ``dplr::recurrence`` as a single node (with a fake kernel for shapes) instead of tracing
-the chunk loop, its host syncs and its data-dependent branches.
+the chunk loop, its host syncs and its data-dependent branches, and so that the Triton kernels
+(which autograd cannot see through) get their backward.
 
-Eager calls skip the wrapper and run the engine under autograd directly. Under compilation the
-op's backward recomputes the forward with autograd and differentiates it (memory stays that of
-one forward; the engine's own graph is never stored across the op boundary).
+Backends: ``torch`` (the PyTorch path) and ``triton`` (:mod:`dplr.triton`). Eager calls on the
+PyTorch path skip the wrapper and run the engine under autograd directly. Otherwise the op's
+backward (``dplr::recurrence_backward``) recomputes what it needs from the inputs: the Triton
+backward kernels, or the PyTorch forward differentiated by autograd.
 """
 
 from __future__ import annotations
@@ -25,6 +27,14 @@ def run(problem: Problem, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     if chunk_size == RECURRENT_CHUNK:
         return recurrent_fwd(problem)
     return chunk_fwd(problem, chunk_size=chunk_size)
+
+
+def _forward(backend: str, problem: Problem, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if backend == "triton":
+        from . import triton as triton_path
+
+        return triton_path.forward(problem, chunk_size)
+    return run(problem, chunk_size)
 
 
 def _problem(q, k, v, g, beta, a, b, initial_state, cu_seqlens, scale, decay, lowrank) -> Problem:
@@ -49,13 +59,14 @@ def recurrence_op(
     decay: str,
     lowrank: str,
     chunk_size: int,
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     problem = _problem(q, k, v, g, beta, a, b, initial_state, cu_seqlens, scale, decay, lowrank)
-    return run(problem, chunk_size)
+    return _forward(backend, problem, chunk_size)
 
 
 @recurrence_op.register_fake
-def _(q, k, v, g, beta, a, b, initial_state, cu_seqlens, scale, decay, lowrank, chunk_size):
+def _(q, k, v, g, beta, a, b, initial_state, cu_seqlens, scale, decay, lowrank, chunk_size, backend):
     B, T, _, K = q.shape
     HV, V = v.shape[2], v.shape[3]
     N = B if cu_seqlens is None else len(cu_seqlens) - 1
@@ -93,27 +104,30 @@ def recurrence_backward_op(
     decay: str,
     lowrank: str,
     chunk_size: int,
+    backend: str,
 ) -> list[torch.Tensor]:
-    """Gradients for the eight tensor inputs (an empty tensor for an absent one), by recomputing
-    the forward under autograd."""
+    """Gradients for the eight tensor inputs (an empty tensor for an absent one)."""
     inputs = (q, k, v, g, beta, a, b, initial_state)
-    leaves = [None if t is None else t.detach().requires_grad_(True) for t in inputs]
-    with _autograd_inside_op(), torch.enable_grad():
-        out, final = run(_problem(*leaves, cu_seqlens, scale, decay, lowrank), chunk_size)
-    present = [t for t in leaves if t is not None]
-    grads = iter(torch.autograd.grad((out, final), present, (d_out, d_final), allow_unused=True))
-    result = []
-    for t in leaves:
-        if t is None:
-            result.append(q.new_empty(0))
-        else:
-            grad = next(grads)
-            result.append(torch.zeros_like(t) if grad is None else grad)
-    return result
+    if backend == "triton":
+        from . import triton as triton_path
+
+        problem = _problem(*inputs, cu_seqlens, scale, decay, lowrank)
+        grads = triton_path.backward(problem, d_out, d_final, chunk_size)
+    else:
+        leaves = [None if t is None else t.detach().requires_grad_(True) for t in inputs]
+        with _autograd_inside_op(), torch.enable_grad():
+            out, final = run(_problem(*leaves, cu_seqlens, scale, decay, lowrank), chunk_size)
+        present = [t for t in leaves if t is not None]
+        found = iter(torch.autograd.grad((out, final), present, (d_out, d_final), allow_unused=True))
+        grads = [None if t is None else next(found) for t in leaves]
+    return [
+        q.new_empty(0) if t is None else torch.zeros_like(t) if grad is None else grad
+        for t, grad in zip(inputs, grads, strict=True)
+    ]
 
 
 @recurrence_backward_op.register_fake
-def _(q, k, v, g, beta, a, b, initial_state, d_out, d_final, cu_seqlens, scale, decay, lowrank, chunk_size):
+def _(q, k, v, g, beta, a, b, initial_state, d_out, d_final, cu_seqlens, scale, decay, lowrank, chunk_size, backend):
     return [q.new_empty(0) if t is None else torch.empty_like(t) for t in (q, k, v, g, beta, a, b, initial_state)]
 
 
@@ -126,18 +140,18 @@ def _backward(ctx, d_out, d_final):
     tensors = ctx.saved_tensors
     grads = recurrence_backward_op(*tensors, d_out, d_final, *ctx.options)
     result = [None if t is None else grad for t, grad in zip(tensors, grads, strict=True)]
-    return (*result, None, None, None, None, None)
+    return (*result, None, None, None, None, None, None)
 
 
 recurrence_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def dispatch(problem: Problem, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eager: the engine under autograd. Compiling: the registered op."""
-    if not torch.compiler.is_compiling():
+def dispatch(problem: Problem, chunk_size: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The PyTorch path in eager mode runs under autograd; everything else goes through the op."""
+    if backend == "torch" and not torch.compiler.is_compiling():
         return run(problem, chunk_size)
     p = problem
     return recurrence_op(
         p.q, p.k, p.v, p.g, p.beta, p.a, p.b, p.initial_state, p.cu_seqlens, p.scale,
-        p.transition.decay.value, p.transition.lowrank.value, chunk_size,
+        p.transition.decay.value, p.transition.lowrank.value, chunk_size, backend,
     )  # fmt: skip

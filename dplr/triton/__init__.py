@@ -1,0 +1,40 @@
+"""Triton kernels (NVIDIA GPUs; on CPU tensors under ``TRITON_INTERPRET=1``).
+
+Every kernel is parameterised by the structure through ``tl.constexpr`` (see
+:mod:`dplr.triton.structure`), so one kernel serves every family. Entry points take the
+canonical :class:`dplr.engine.Problem` of a call, like the PyTorch path:
+
+* ``forward(problem, chunk_size)`` → ``(o, final_state)`` in the compute dtype;
+* ``backward(problem, d_out, d_final, chunk_size)`` → gradients of the eight tensor inputs
+  ``(q, k, v, g, beta, a, b, initial_state)`` (``None`` for an absent input).
+
+``chunk_size == 0`` selects the recurrent (token-by-token) kernels.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from ..engine import Problem
+
+RECURRENT_CHUNK = 0
+
+
+def _module(chunk_size: int):
+    name = "recurrent" if chunk_size == RECURRENT_CHUNK else "chunk"
+    try:
+        return importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError as err:
+        if err.name != f"{__name__}.{name}":
+            raise
+        raise RuntimeError(f"this build of dplr has no Triton {name} kernels; use DPLR_BACKEND=torch") from err
+
+
+def forward(problem: Problem, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _module(chunk_size).forward(problem, chunk_size)
+
+
+def backward(problem: Problem, d_out: torch.Tensor, d_final: torch.Tensor, chunk_size: int) -> tuple:
+    return _module(chunk_size).backward(problem, d_out, d_final, chunk_size)
