@@ -124,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     info = sub.add_parser("info", help="versions, devices and settings")
     info.set_defaults(func=cmd_info)
 
+    # Subcommands that live with their code register here, one line each: module.add_subcommand(sub)
+
     ns = parser.parse_args(argv)
     return ns.func(ns)
 
