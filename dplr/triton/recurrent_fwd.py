@@ -1,0 +1,163 @@
+"""The recurrent forward kernel: one token at a time on a ``[K, BV]`` tile of the state.
+
+One program owns one value head of one sequence and a block of ``BV`` value columns. The
+columns of ``S`` evolve independently for every structure (each update is a linear map
+acting on the key side, applied column by column), so splitting ``V`` across programs is
+exact and needs no communication. The state stays in registers, in fp32 (fp64 for fp64
+inputs), for the whole sequence.
+
+The same kernel serves three callers (see :mod:`dplr.triton.recurrent`):
+
+* ``fused_recurrent_*`` forward: state from ``h0[n]``, final state to ``ht[n]``;
+* the backward's checkpoint pass (``SAVE == SAVE_CHECKPOINTS``): the state *before* every
+  ``CK``-th token of a sequence, so the backward can restart from it;
+* the serving decode step (``POOL``): the state is read from and written back to a pool slot
+  ``slots[n]`` (``-1`` or out of range: nothing read or written), optionally keeping the state
+  *after* every token (``SAVE == SAVE_EVERY_TOKEN``, for speculative roll-back).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .structure import DECAY_CHANNEL, DECAY_SCALAR, LOWRANK_GENERAL, LOWRANK_TIED
+
+SAVE_NONE, SAVE_CHECKPOINTS, SAVE_EVERY_TOKEN = 0, 1, 2
+
+
+@triton.jit
+def load_token(
+    q, k, v, g, beta, a, b,
+    row_k, row_v, row_g, row_s,
+    o_k, o_v, mask_k, mask_v,
+    DECAY: tl.constexpr, LOWRANK: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """One token's inputs in the compute dtype. ``row_k``: offset of its key-head row in
+    ``[.., H, K]`` tensors; ``row_v``: of its value-head row in ``[.., HV, V]``; ``row_g``: of
+    its channel gate row ``[.., HV, K]``; ``row_s``: of its per-head scalars ``[.., HV]``.
+    Absent inputs come back as 0 (never read by the structure that lacks them)."""
+    b_q = tl.load(q + row_k + o_k, mask=mask_k, other=0).to(ACC)
+    b_k = tl.load(k + row_k + o_k, mask=mask_k, other=0).to(ACC)
+    b_v = tl.load(v + row_v + o_v, mask=mask_v, other=0).to(ACC)
+    if DECAY == DECAY_CHANNEL:
+        b_e = tl.exp(tl.load(g + row_g + o_k, mask=mask_k, other=0).to(ACC))
+    elif DECAY == DECAY_SCALAR:
+        b_e = tl.exp(tl.load(g + row_s).to(ACC))
+    else:
+        b_e = 1.0
+    if LOWRANK == LOWRANK_TIED:
+        b_beta = tl.load(beta + row_s).to(ACC)
+    else:
+        b_beta = 0.0
+    if LOWRANK == LOWRANK_GENERAL:
+        b_a = tl.load(a + row_k + o_k, mask=mask_k, other=0).to(ACC)
+        b_b = tl.load(b + row_k + o_k, mask=mask_k, other=0).to(ACC)
+    else:
+        b_a = 0.0
+        b_b = 0.0
+    return b_q, b_k, b_v, b_e, b_beta, b_a, b_b
+
+
+@triton.jit
+def decay_rows(h, b_e, DECAY: tl.constexpr):
+    """``Diag(exp(g)) h`` on a ``[BK, BV]`` tile (a scalar decay scales the whole tile)."""
+    if DECAY == DECAY_CHANNEL:
+        h = h * b_e[:, None]
+    elif DECAY == DECAY_SCALAR:
+        h = h * b_e
+    return h
+
+
+@triton.jit
+def step(h, b_k, b_v, b_e, b_beta, b_a, b_b, DECAY: tl.constexpr, LOWRANK: tl.constexpr):
+    """One token of DESIGN §2 on a ``[BK, BV]`` tile: the state after the token."""
+    if LOWRANK == LOWRANK_GENERAL:
+        b_x = tl.sum(b_a[:, None] * h, 0)  # aᵀ S reads the undecayed state
+    h = decay_rows(h, b_e, DECAY)
+    if LOWRANK == LOWRANK_TIED:
+        b_v = b_beta * (b_v - tl.sum(b_k[:, None] * h, 0))  # the delta rule's corrected value
+    elif LOWRANK == LOWRANK_GENERAL:
+        h = h + b_b[:, None] * b_x[None, :]
+    return h + b_k[:, None] * b_v[None, :]
+
+
+@triton.jit(do_not_specialize=["T", "num_slots"])
+def recurrent_fwd_kernel(
+    q, k, v, g, beta, a, b,
+    o,
+    h0, ht, slots, num_slots,
+    save, save_offsets,
+    cu_seqlens,
+    scale, T,
+    s_n, s_h, s_k, s_v,
+    e_n, e_h, e_k, e_v,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr,
+    DECAY: tl.constexpr, LOWRANK: tl.constexpr,
+    SAVE: tl.constexpr, CK: tl.constexpr,
+    HAS_H0: tl.constexpr, HAS_HT: tl.constexpr, STORE_O: tl.constexpr,
+    POOL: tl.constexpr, VARLEN: tl.constexpr,
+    ACC: tl.constexpr,
+):  # fmt: skip
+    """Grid ``(N * HV, cdiv(V, BV))``. Inputs ``[B, T, ·, ·]`` contiguous; ``o [B, T, HV, V]``;
+    the state ``h0``/``ht`` at ``index * s_n + head * s_h + key * s_k + value * s_v`` (``index``
+    the sequence, or its pool slot); the ``save`` buffer likewise with ``e_*`` strides."""
+    i_nh = tl.program_id(0).to(tl.int64)
+    i_v = tl.program_id(1).to(tl.int64)
+    i_n, i_hv = i_nh // HV, i_nh % HV
+    i_h = i_hv // (HV // H)
+    if VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    else:
+        bos = i_n * T
+        eos = bos + T
+
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    mask_k = o_k < K
+    mask_v = o_v < V
+    mask_h = mask_k[:, None] & mask_v[None, :]
+    if POOL:
+        slot = tl.load(slots + i_n).to(tl.int64)
+        valid = (slot >= 0) & (slot < num_slots)  # padding and out-of-range slots: no access at all
+        mask_s = mask_h & valid
+        index = tl.where(valid, slot, 0)
+    else:
+        mask_s = mask_h
+        index = i_n
+    p_state = index * s_n + i_hv * s_h + o_k[:, None] * s_k + o_v[None, :] * s_v
+    if HAS_H0:
+        h = tl.load(h0 + p_state, mask=mask_s, other=0).to(ACC)
+    else:
+        h = tl.zeros([BK, BV], dtype=ACC)
+
+    p_save = i_hv * e_h + o_k[:, None] * e_k + o_v[None, :] * e_v
+    if SAVE == SAVE_CHECKPOINTS:
+        if VARLEN:
+            first = tl.load(save_offsets + i_n).to(tl.int64)
+        else:
+            first = i_n * tl.cdiv(T, CK)
+    for t in range(bos, eos):
+        if SAVE == SAVE_CHECKPOINTS:  # noqa: SIM102 (a compile-time branch around a run-time one)
+            if (t - bos) % CK == 0:
+                tl.store(save + (first + (t - bos) // CK) * e_n + p_save, h.to(save.dtype.element_ty), mask=mask_h)
+        b_q, b_k, b_v, b_e, b_beta, b_a, b_b = load_token(
+            q, k, v, g, beta, a, b,
+            (t * H + i_h) * K, (t * HV + i_hv) * V, (t * HV + i_hv) * K, t * HV + i_hv,
+            o_k, o_v, mask_k, mask_v, DECAY, LOWRANK, ACC,
+        )  # fmt: skip
+        h = step(h, b_k, b_v, b_e, b_beta, b_a, b_b, DECAY, LOWRANK)
+        if STORE_O:
+            b_o = tl.sum(h * b_q[:, None], 0) * scale
+            if POOL:
+                b_o = tl.where(valid, b_o, 0.0)  # a padding row's output is defined: zeros
+            tl.store(o + (t * HV + i_hv) * V + o_v, b_o.to(o.dtype.element_ty), mask=mask_v)
+        if SAVE == SAVE_EVERY_TOKEN:
+            kept = h
+            if POOL:
+                kept = tl.where(valid, h, 0.0)
+            tl.store(save + t * e_n + p_save, kept.to(save.dtype.element_ty), mask=mask_h)
+    if HAS_HT:
+        tl.store(ht + p_state, h.to(ht.dtype.element_ty), mask=mask_s)
