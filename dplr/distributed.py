@@ -1,0 +1,516 @@
+"""Context parallelism over ``torch.distributed``: one sequence split across the ranks of a group.
+
+Each rank holds a contiguous slice of the sequence (rank ``r`` of ``W`` holds tokens
+``[r·T, (r+1)·T)``) and calls the same-named op of this module instead of :mod:`dplr.api`,
+with the same tensors and options plus ``group``::
+
+    from dplr.distributed import chunk_kda
+
+    o, ht = chunk_kda(q, k, v, g, beta, group=cp_group, output_final_state=True)
+    # o: this rank's slice of the output; ht: the final state on the last rank, None elsewhere
+
+The result equals what one process computes on the whole sequence, forward and backward.
+
+How. The state recurrence is linear in the initial state ``S₀`` for every structure: a slice
+maps ``S₀`` to ``o_t = o_t⁰ + Y_tᵀ-applied S₀`` and ``S_end = S⁰ + P S₀``, where ``o⁰, S⁰`` are
+the results from a zero start and ``P`` (``K×K`` per head) is the product of the slice's
+transitions, which depends on ``k, g, beta, a, b`` but not on ``v``. One call of the ordinary
+chunk op gives all of them: the values widened to ``[v | 0]`` (``V + K`` columns) and the
+initial state ``[0 | I_K]``; the output's last ``K`` columns are ``Y`` and the final state is
+``[S⁰ | P]``. The ranks all-gather their summaries ``(S⁰, P)`` (``[rows, HV, K, V + K]``), each
+folds those before it into its true initial state ``c_r`` (``c_{r+1} = S⁰_r + P_r c_r``) and
+finishes with small matmuls: ``o = o⁰ + Y c_r``. The backward is the mirror image: each rank's
+gradient with respect to its ``c_r`` is all-gathered and folded from the last rank back
+(``G_r = ∂L/∂c_r + P_rᵀ G_{r+1}``). So one all-gather forward and one backward, whatever ``T``;
+with ``cu_seqlens`` and ``output_final_state=True``, one reduce to the last rank (and its
+broadcast in the backward) brings the final states of sequences that end on earlier ranks.
+Only the piece that continues from the previous rank runs with the widened values; the first
+rank, and every other sequence, run the op as usual.
+
+Contract:
+
+* Without ``cu_seqlens``: ``B`` sequences span all ranks; slices may differ in length, ``B``
+  and the head sizes must agree. ``initial_state [B, HV, K, V]`` is read on the first rank only.
+* With ``cu_seqlens``: ``B == 1``, every rank holds ``T`` tokens and passes the *same* global
+  ``cu_seqlens`` (``[N + 1]``, ending at ``W·T``). Sequences may span any number of ranks,
+  start or end inside one, or be empty. ``initial_state [N, HV, K, V]`` is the same tensor on
+  every rank (or ``None`` on all); each rank reads the rows of the sequences that start in its
+  slice, so its gradient there holds those rows: sum it over the group.
+* The final state ``[N, HV, K, V]`` comes back on the last rank; the others get ``None``.
+* Parameters outside the per-token tensors (``A_log``, ``dt_bias``, ``g_gamma``) get this
+  slice's share of their gradient; sum over the group, as for any replicated parameter.
+* Every rank of the group makes the same calls in the same order and backpropagates through
+  its output (as any loss over the output does), since the collectives pair up across ranks.
+* Numerics: the exchange runs in the state dtype (fp32; fp64 for fp64 inputs). ``o⁰`` and
+  ``Y`` come out of the op in ``v``'s dtype, so low-precision outputs see one more rounding.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from . import api, checks
+from .reference import Output
+from .transition import FAMILIES
+
+DEFAULT_CHUNK_SIZE = api.DEFAULT_CHUNK_SIZE
+# Options that the split rewrites per piece; every other option goes to the op unchanged.
+_PER_PIECE = ("initial_state", "output_final_state", "cu_seqlens", "cu_seqlens_cpu")
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What this rank computes, from host metadata only (the same on every rank for ranks' shares).
+
+    The *head* is the piece that continues from the previous rank (tokens ``[0, head_len)``,
+    run with the widened values); the *rest* are the other pieces (tokens ``[head_len, T)``,
+    run as usual). ``rows`` is the number of carries (``B``, or 1 with ``cu_seqlens``).
+    """
+
+    world: int
+    rank: int
+    rows: int
+    num_seqs: int
+    head: bool
+    head_len: int
+    head_ends: bool  # the head's sequence ends in this slice: its final state is a result here
+    head_out: bool  # the head's sequence continues into the next rank
+    rest: bool
+    rest_seqs: list[int] | None  # global indices of the rest pieces (None: all B rows)
+    rest_cu: list[int] | None  # their boundaries in tokens [head_len, T), from 0
+    rest_out: bool  # the last rest piece continues into the next rank
+    ends_here: list[int]  # sequences whose final state is produced here: head first, then rest
+    collected: list[int]  # sequences whose final state travels to the last rank
+    output_final_state: bool
+
+
+def _batch_plan(world: int, rank: int, B: int, T: int, output_final_state: bool) -> _Plan:
+    last = rank == world - 1
+    return _Plan(
+        world=world, rank=rank, rows=B, num_seqs=B,
+        head=rank > 0, head_len=T if rank > 0 else 0, head_ends=rank > 0 and last, head_out=rank > 0 and not last,
+        rest=rank == 0, rest_seqs=None, rest_cu=None, rest_out=rank == 0 and not last,
+        ends_here=list(range(B)) if last else [], collected=[], output_final_state=output_final_state,
+    )  # fmt: skip
+
+
+def _varlen_plan(world: int, rank: int, bounds: list[int], T: int, output_final_state: bool) -> _Plan:
+    """``bounds``: the global ``cu_seqlens``. A sequence lives on the ranks from the one holding
+    its first token to the one holding its last; an empty one on the rank holding its position
+    (the last rank for the end of the sequence)."""
+
+    def holder(position: int) -> int:
+        return min(position // T, world - 1) if T else world - 1
+
+    N = len(bounds) - 1
+    first = [holder(bounds[n]) for n in range(N)]
+    last = [holder(bounds[n + 1] - 1) if bounds[n + 1] > bounds[n] else first[n] for n in range(N)]
+    local = [n for n in range(N) if first[n] <= rank <= last[n]]
+    start, stop = rank * T, rank * T + T
+    head = bool(local) and first[local[0]] < rank
+    head_len = min(bounds[local[0] + 1], stop) - start if head else 0
+    rest_seqs = local[1:] if head else local
+    rest_cu = [0] + [min(bounds[n + 1], stop) - start - head_len for n in rest_seqs]
+    out = bool(local) and last[local[-1]] > rank
+    return _Plan(
+        world=world, rank=rank, rows=1, num_seqs=N,
+        head=head, head_len=head_len, head_ends=head and last[local[0]] == rank,
+        head_out=head and out and len(local) == 1,
+        rest=bool(rest_seqs), rest_seqs=rest_seqs, rest_cu=rest_cu, rest_out=out and bool(rest_seqs),
+        ends_here=[n for n in local if last[n] == rank],
+        collected=[n for n in range(N) if last[n] < world - 1], output_final_state=output_final_state,
+    )  # fmt: skip
+
+
+def _gather(x: torch.Tensor, group) -> list[torch.Tensor]:
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return parts
+
+
+def _apply(P: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``P c`` per head: ``[rows, HV, K, K] × [rows, HV, K, V]``."""
+    return torch.einsum("bhij,bhjv->bhiv", P, c)
+
+
+def _apply_transposed(P: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """``Pᵀ G`` per head."""
+    return torch.einsum("bhij,bhiv->bhjv", P, G)
+
+
+class _Exchange(torch.autograd.Function):
+    """Everything that crosses ranks, with its explicit mirror as the backward.
+
+    Inputs: ``o_local [B,T,HV,V]`` (the head computed from a zero start), ``head_y [rows,L,HV,K]``
+    and ``head_final [rows,HV,K,V+K] = [S⁰ | P]`` of the head, ``summary [rows,HV,K,V+K]`` (how the
+    carry out of this rank depends on the carry in), ``rest_finals`` (final states of the rest
+    pieces that end here). Outputs ``o`` and the final states (last rank; empty elsewhere).
+    Being one Function whose output ``o`` every rank uses, its backward, and so its collectives,
+    run on every rank.
+    """
+
+    @staticmethod
+    def forward(ctx, plan, group, o_local, head_y, head_final, summary, rest_finals):
+        V = o_local.shape[-1]
+        parts = _gather(summary, group)
+        carry = torch.zeros_like(summary[..., :V])  # c_0: the first rank starts from its own initial state
+        for j in range(plan.rank):
+            carry = parts[j][..., :V] + _apply(parts[j][..., V:], carry)
+
+        o = o_local.clone()
+        if plan.head:
+            L = plan.head_len
+            correction = torch.einsum("bthk,bhkv->bthv", head_y.to(carry.dtype), carry)
+            o[:, :L] = (o_local[:, :L].to(carry.dtype) + correction).to(o.dtype)
+
+        final = o_local.new_empty(0)
+        if plan.output_final_state:
+            here = [rest_finals] if rest_finals is not None else []
+            if plan.head_ends:
+                here.insert(0, head_final[..., :V] + _apply(head_final[..., V:], carry))
+            here = torch.cat(here) if here else summary.new_empty(0, *summary.shape[1:-1], V)
+            final = _collect_finals(plan, group, here)
+
+        ctx.plan, ctx.group = plan, group
+        later = [p[..., V:] for p in parts[plan.rank + 1 :]]
+        ctx.save_for_backward(carry, head_y, head_final, *later)
+        return o, final
+
+    @staticmethod
+    def backward(ctx, d_o, d_final):
+        plan, group = ctx.plan, ctx.group
+        carry, head_y, head_final, *later = ctx.saved_tensors
+        V = d_o.shape[-1]
+        d_here = _spread_final_grads(plan, group, d_final, carry) if plan.output_final_state else None
+
+        d_carry = torch.zeros_like(carry)  # ∂L/∂c_r through this rank's own results
+        d_head_y = d_head_final = d_rest_finals = None
+        if plan.head:
+            d_head = d_o[:, : plan.head_len].to(carry.dtype)
+            d_head_y = torch.einsum("bthv,bhkv->bthk", d_head, carry).to(head_y.dtype)
+            d_carry = d_carry + torch.einsum("bthk,bthv->bhkv", head_y.to(carry.dtype), d_head)
+        if d_here is not None:
+            if plan.head_ends:
+                d_head_end, d_here = d_here[: plan.rows], d_here[plan.rows :]
+                d_carry = d_carry + _apply_transposed(head_final[..., V:], d_head_end)
+                d_head_final = torch.cat([d_head_end, torch.einsum("bhiv,bhjv->bhij", d_head_end, carry)], -1)
+            d_rest_finals = d_here if d_here.shape[0] else None
+
+        # Carry gradients flow from later ranks to earlier ones: G_j = ∂L/∂c_j + P_jᵀ G_{j+1}.
+        direct = _gather(d_carry, group)
+        G = torch.zeros_like(d_carry)
+        for j in range(plan.world - 1, plan.rank, -1):
+            G = direct[j] + _apply_transposed(later[j - plan.rank - 1], G)
+        d_summary = None
+        if plan.rank < plan.world - 1:
+            d_summary = torch.cat([G, torch.einsum("bhiv,bhjv->bhij", G, carry)], -1)  # c_{r+1} = S⁰ + P c_r
+        return None, None, d_o, d_head_y, d_head_final, d_summary, d_rest_finals
+
+
+def _collect_finals(plan: _Plan, group, here: torch.Tensor) -> torch.Tensor:
+    """The final states ``[N, HV, K, V]`` on the last rank (empty elsewhere): its own rows, and
+    the rows of sequences that ended on earlier ranks, summed into place by one reduce."""
+    is_last = plan.rank == plan.world - 1
+    rows = {n: i for i, n in enumerate(plan.ends_here)}
+    if plan.collected:
+        buffer = here.new_zeros(len(plan.collected), *here.shape[1:])
+        for i, n in enumerate(plan.collected):
+            if n in rows:
+                buffer[i] = here[rows[n]]
+        dist.reduce(buffer, dst=dist.get_global_rank(group, plan.world - 1), op=dist.ReduceOp.SUM, group=group)
+    if not is_last:
+        return here.new_empty(0)
+    final = here.new_zeros(plan.num_seqs, *here.shape[1:])
+    for n, i in rows.items():
+        final[n] = here[i]
+    for i, n in enumerate(plan.collected):
+        final[n] = buffer[i]
+    return final
+
+
+def _spread_final_grads(plan: _Plan, group, d_final: torch.Tensor, carry: torch.Tensor) -> torch.Tensor:
+    """The mirror of :func:`_collect_finals`: the gradients of the final states produced here,
+    in the order of ``plan.ends_here``, the collected ones broadcast from the last rank."""
+    is_last = plan.rank == plan.world - 1
+    shape = carry.shape[1:]
+    if plan.collected:
+        buffer = carry.new_zeros(len(plan.collected), *shape)
+        if is_last:
+            buffer.copy_(d_final[plan.collected])
+        dist.broadcast(buffer, src=dist.get_global_rank(group, plan.world - 1), group=group)
+        collected = {n: i for i, n in enumerate(plan.collected)}
+    d_here = carry.new_zeros(len(plan.ends_here), *shape)
+    for i, n in enumerate(plan.ends_here):
+        d_here[i] = d_final[n] if is_last else buffer[collected[n]]
+    return d_here
+
+
+def _context_parallel(name: str, args: dict) -> Output:
+    """Check the call, split this rank's slice into head and rest, run the op on each, exchange."""
+    op = getattr(api, f"chunk_{name}")
+    names = _TENSOR_NAMES[name]
+    group = args.pop("group")
+    initial_state, output_final_state = args.pop("initial_state"), args.pop("output_final_state")
+    cu_seqlens, cu_seqlens_cpu = args.pop("cu_seqlens"), args.pop("cu_seqlens_cpu")
+    tensors = {n: args.pop(n) for n in names}
+    options = args
+    checks.check_flag("output_final_state", output_final_state)
+
+    qname = names[0]
+    B, T, H, HV, K, V = checks.check_core(tensors[qname], tensors["k"], tensors["v"], names=(qname, "k", "v"))
+    group, world, rank = _group_position(group)
+    if cu_seqlens is None:
+        if cu_seqlens_cpu is not None:
+            raise ValueError("cu_seqlens_cpu was given without cu_seqlens")
+        plan = _batch_plan(world, rank, B, T, output_final_state)
+    else:
+        bounds = _global_bounds(cu_seqlens, cu_seqlens_cpu, world=world, B=B, T=T, device=tensors[qname].device)
+        plan = _varlen_plan(world, rank, bounds, T, output_final_state)
+    dims = checks.Dims(B=B, T=T, H=H, HV=HV, K=K, V=V, N=plan.num_seqs)
+    checks.check_initial_state(initial_state, dims, tensors[qname])
+
+    v = tensors["v"]
+    state_dtype = torch.float64 if v.dtype == torch.float64 else torch.float32  # states are fp32 (fp64)
+    head_y = head_final = rest_finals = None
+    pieces, summary = [], None
+    if plan.head:
+        piece = _slice(tensors, 0, plan.head_len)
+        widened = torch.cat([piece["v"], piece["v"].new_zeros(*piece["v"].shape[:3], K)], -1)
+        identity = torch.eye(K, dtype=state_dtype, device=v.device).expand(plan.rows, HV, K, K)
+        start = torch.cat([identity.new_zeros(plan.rows, HV, K, V), identity], -1)  # [0 | I]: S⁰ and P at once
+        piece["v"] = widened
+        o_wide, head_final = op(**piece, initial_state=start, output_final_state=True, **options)
+        pieces.append(o_wide[..., :V])
+        head_y = o_wide[..., V:]
+        if plan.head_out:
+            summary = head_final
+    if plan.rest:
+        piece = _slice(tensors, plan.head_len, T)
+        rows = initial_state
+        if initial_state is not None and plan.rest_seqs is not None:
+            rows = initial_state[plan.rest_seqs]
+        cu = None if plan.rest_cu is None else torch.tensor(plan.rest_cu, dtype=torch.int64)
+        o_rest, finals = op(**piece, initial_state=rows, output_final_state=True, cu_seqlens=cu, **options)
+        pieces.append(o_rest)
+        if plan.rest_out:
+            carried = finals[-plan.rows :]
+            summary = torch.cat([carried, carried.new_zeros(plan.rows, HV, K, K)], -1)  # P = 0: starts here
+            finals = finals[: -plan.rows]
+        rest_finals = finals if finals.shape[0] else None
+    if summary is None:
+        summary = v.new_zeros(plan.rows, HV, K, V + K, dtype=state_dtype)  # nothing continues out of this slice
+    o_local = torch.cat(pieces, 1) if pieces else v.new_empty(B, T, HV, V)
+
+    o, final = _Exchange.apply(plan, group, o_local, head_y, head_final, summary, rest_finals)
+    return Output(o, final if output_final_state and plan.rank == world - 1 else None)
+
+
+def _slice(tensors: dict, start: int, stop: int) -> dict:
+    return {n: None if x is None else x[:, start:stop] for n, x in tensors.items()}
+
+
+def _group_position(group) -> tuple[dist.ProcessGroup, int, int]:
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            "dplr.distributed needs torch.distributed initialised (torch.distributed.init_process_group)"
+        )
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"group must be a torch.distributed ProcessGroup or None, got {type(group).__name__}")
+    group = group or dist.group.WORLD
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError("group must contain this rank")
+    return group, dist.get_world_size(group), rank
+
+
+def _global_bounds(cu_seqlens, cu_seqlens_cpu, *, world: int, B: int, T: int, device: torch.device) -> list[int]:
+    """The global ``cu_seqlens`` as host integers, checked against the ``world·T`` tokens of the group."""
+    checks.require_tensor("cu_seqlens", cu_seqlens, dtypes=(torch.int32, torch.int64))
+    if cu_seqlens_cpu is not None:
+        checks.require_tensor("cu_seqlens_cpu", cu_seqlens_cpu, dtypes=(torch.int32, torch.int64))
+    host_tensor = cu_seqlens if cu_seqlens_cpu is None else cu_seqlens_cpu
+    if host_tensor.dim() == 1 and host_tensor.numel() and int(host_tensor[-1]) != world * T:
+        raise ValueError(
+            f"cu_seqlens must hold the boundaries of the whole sequence, every rank passing the same, and end "
+            f"at world_size * T = {world} * {T} = {world * T} (each rank holds T tokens), got {int(host_tensor[-1])}"
+        )
+    host = checks.check_cu_seqlens(cu_seqlens, cu_seqlens_cpu, B=B, T=world * T, device=device)
+    return host if host is not None else cu_seqlens.tolist()  # the split is planned on the host
+
+
+def _positional(name: str) -> tuple[str, ...]:
+    params = inspect.signature(getattr(api, f"chunk_{name}")).parameters.values()
+    return tuple(p.name for p in params if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
+_TENSOR_NAMES = {name: _positional(name) for name in FAMILIES}
+
+
+# ---------------------------------------------------------------------------------------------
+# The front-ends: the chunk ops of dplr.api with the same tensors and options, plus ``group``.
+# Shapes are per rank: ``T`` is this rank's slice; ``cu_seqlens`` and ``initial_state`` are global.
+
+
+def chunk_simple_gla(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None = None,
+    *,
+    group: dist.ProcessGroup | None = None,
+    g_gamma: torch.Tensor | None = None,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens_cpu: torch.Tensor | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> Output:
+    """:func:`dplr.chunk_simple_gla` on this rank's slice ``[B, T, ...]`` of a sequence split over
+    ``group``: returns ``o [B, T, HV, V]`` and, on the last rank, the final state ``[N, HV, K, V]``."""
+    return _context_parallel("simple_gla", locals())
+
+
+def chunk_gla(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    *,
+    group: dist.ProcessGroup | None = None,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens_cpu: torch.Tensor | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> Output:
+    """:func:`dplr.chunk_gla` on this rank's slice ``[B, T, ...]`` of a sequence split over ``group``:
+    returns ``o [B, T, HV, V]`` and, on the last rank, the final state ``[N, HV, K, V]``."""
+    return _context_parallel("gla", locals())
+
+
+def chunk_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    group: dist.ProcessGroup | None = None,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    use_qk_l2norm_in_kernel: bool = False,
+    use_beta_sigmoid_in_kernel: bool = False,
+    allow_neg_eigval: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens_cpu: torch.Tensor | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> Output:
+    """:func:`dplr.chunk_delta_rule` on this rank's slice ``[B, T, ...]`` of a sequence split over
+    ``group``: returns ``o [B, T, HV, V]`` and, on the last rank, the final state ``[N, HV, K, V]``."""
+    return _context_parallel("delta_rule", locals())
+
+
+def chunk_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    group: dist.ProcessGroup | None = None,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    use_qk_l2norm_in_kernel: bool = False,
+    use_beta_sigmoid_in_kernel: bool = False,
+    allow_neg_eigval: bool = False,
+    use_gate_in_kernel: bool = False,
+    A_log: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens_cpu: torch.Tensor | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> Output:
+    """:func:`dplr.chunk_gated_delta_rule` on this rank's slice ``[B, T, ...]`` of a sequence split over
+    ``group``: returns ``o [B, T, HV, V]`` and, on the last rank, the final state ``[N, HV, K, V]``."""
+    return _context_parallel("gated_delta_rule", locals())
+
+
+def chunk_kda(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    group: dist.ProcessGroup | None = None,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    use_qk_l2norm_in_kernel: bool = False,
+    use_beta_sigmoid_in_kernel: bool = False,
+    allow_neg_eigval: bool = False,
+    use_gate_in_kernel: bool = False,
+    A_log: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    lower_bound: float | None = None,
+    safe_gate: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens_cpu: torch.Tensor | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> Output:
+    """:func:`dplr.chunk_kda` on this rank's slice ``[B, T, ...]`` of a sequence split over ``group``:
+    returns ``o [B, T, HV, V]`` and, on the last rank, the final state ``[N, HV, K, V]``."""
+    return _context_parallel("kda", locals())
+
+
+def chunk_dplr_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    gk: torch.Tensor,
+    *,
+    group: dist.ProcessGroup | None = None,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    lower_bound: float | None = None,
+    safe_gate: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens_cpu: torch.Tensor | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> Output:
+    """:func:`dplr.chunk_dplr_delta_rule` on this rank's slice ``[B, T, ...]`` of a sequence split over
+    ``group``: returns ``o [B, T, HV, V]`` and, on the last rank, the final state ``[N, HV, K, V]``."""
+    return _context_parallel("dplr_delta_rule", locals())
+
+
+def chunk_rwkv7(
+    r: torch.Tensor,
+    w: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    *,
+    group: dist.ProcessGroup | None = None,
+    scale: float = 1.0,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    lower_bound: float | None = None,
+    safe_gate: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens_cpu: torch.Tensor | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> Output:
+    """:func:`dplr.chunk_rwkv7` on this rank's slice ``[B, T, ...]`` of a sequence split over ``group``:
+    returns ``o [B, T, HV, V]`` and, on the last rank, the final state ``[N, HV, K, V]``."""
+    return _context_parallel("rwkv7", locals())
