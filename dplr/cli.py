@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from . import __version__, settings
+from . import __version__, accounting, settings
 from .testing import MODES, float_tensors, make_inputs, op, reference, rel_err
 from .transition import FAMILIES
 
@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     info.set_defaults(func=cmd_info)
 
     # Subcommands that live with their code register here, one line each: module.add_subcommand(sub)
+    accounting.add_subcommand(sub)
 
     ns = parser.parse_args(argv)
     return ns.func(ns)
