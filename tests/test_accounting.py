@@ -285,6 +285,8 @@ def test_shape_errors_name_the_argument():
         Shape(B=0, T=10, H=1, K=8, V=8)
     with pytest.raises(ValueError, match="HV must be a positive multiple of H=2"):
         Shape(B=1, T=10, H=2, HV=3, K=8, V=8)
+    with pytest.raises(ValueError, match="C must be a power of two"):
+        Shape(B=1, T=10, H=1, K=8, V=8, C=48)
     with pytest.raises(ValueError, match="--shape must be"):
         parse_shape("1,2,3", 64)
     assert parse_shape("1,100,2,4,16,8", 32) == Shape(B=1, T=100, H=2, HV=4, K=16, V=8, C=32)

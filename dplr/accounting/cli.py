@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from ..transition import FAMILIES
@@ -46,6 +47,7 @@ def add_subcommand(sub) -> None:
 
 
 def cmd_accounting(ns: argparse.Namespace) -> int:
+    """Print the report, write it as JSON under ``--out`` and draw the chart from that JSON."""
     shape = parse_shape(ns.shape, ns.chunk)
     device = measure_device() if ns.device == "measure" else DEVICES[ns.device]
     overrides = {}
@@ -54,7 +56,7 @@ def cmd_accounting(ns: argparse.Namespace) -> int:
     if ns.bandwidth_tbs is not None:
         overrides["bandwidth"] = ns.bandwidth_tbs * 1e12
     if overrides:
-        device = type(device)(**{**device.__dict__, **overrides, "source": device.source + ", overridden"})
+        device = replace(device, **overrides, source=f"{device.source}; {', '.join(overrides)} overridden")
     report = build(shape, device, families=ns.family, recompute=not ns.no_recompute)
     print(text(report))
 

@@ -51,6 +51,8 @@ class Shape:
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "T" else 1):
                 floor = "a non-negative" if name == "T" else "a positive"
                 raise ValueError(f"{name} must be {floor} integer, got {value!r}")
+        if self.C & (self.C - 1):
+            raise ValueError(f"C must be a power of two (sub-blocks are merged in halves), got {self.C}")
         if self.HV is None:
             object.__setattr__(self, "HV", self.H)
         if isinstance(self.HV, bool) or not isinstance(self.HV, int) or self.HV < 1 or self.HV % self.H:

@@ -39,7 +39,8 @@ def _family(acc: Account, device: Device) -> dict:
     stages = []
     for s in acc.stages:
         f = floor(s, device)
-        stages.append(dict(stage=s.stage, direction=s.direction, **row(s, f.seconds, f.binds)))
+        terms = [dict(kind=kind, term=label, total=total) for kind, label, total in s.terms]
+        stages.append(dict(stage=s.stage, direction=s.direction, **row(s, f.seconds, f.binds), terms=terms))
     totals = {}
     for direction in DIRECTIONS:
         key = None if direction == "fwd+bwd" else direction
@@ -77,6 +78,7 @@ def ratios(report: dict, numerator: str, denominator: str) -> dict:
 
 
 def git_commit() -> str:
+    """The commit of the checkout dplr runs from, or ``unknown``."""
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
@@ -176,7 +178,7 @@ def summary_table(report: dict) -> str:
     per = shape["B"] * shape["T"] * shape["HV"]
     lines = [
         f"{'structure':22s} {'fwd FLOP':>9s} {'f+b FLOP':>9s} {'fwd exp':>8s} {'fwd B':>7s} {'plan B':>7s} "
-        f"{'fwd µs':>9s} {'f+b µs':>9s} {'fused f+b':>9s} {'recur.':>8s}",
+        f"{'fwd µs':>9s} {'f+b µs':>9s} {'fused f+b':>9s} {'recurrent':>9s}",
     ]
     for label, fam in report["families"].items():
         f, fb = fam["totals"]["fwd"], fam["totals"]["fwd+bwd"]
@@ -184,7 +186,7 @@ def summary_table(report: dict) -> str:
             f"{label:22s} {_n((f['matmul'] + f['other']) / per):>9s} {_n((fb['matmul'] + fb['other']) / per):>9s} "
             f"{_n(f['exps'] / per):>8s} {_n(f['bytes_ideal'] / per):>7s} {_n(f['bytes_plan'] / per):>7s} "
             f"{f['floor_s'] * 1e6:9.1f} {fb['floor_s'] * 1e6:9.1f} {fb['fused_floor_s'] * 1e6:9.1f} "
-            f"{_n(fam['recurrent']['other_fwd'] / per):>8s}"
+            f"{_n(fam['recurrent']['other_fwd'] / per):>9s}"
         )
     att = report["attention"]
     lines.append(f"{'softmax attention':22s} {_n(att['matmul_fwd'] / per):>9s} {_n(att['matmul_fwd_bwd'] / per):>9s}")
@@ -192,6 +194,7 @@ def summary_table(report: dict) -> str:
 
 
 def ratio_table(report: dict) -> str:
+    """DPLR over KDA per stage and in total: matmul, other, exps, plan bytes and floor."""
     r = report["ratios"]
     if r is None:
         return "(no ratios: pass both kda and dplr_delta_rule to --family)"
@@ -244,6 +247,7 @@ def with_measured(report: dict, label: str, measured: Mapping[str, float]) -> st
 
 
 def text(report: dict) -> str:
+    """The whole report as the CLI prints it: header, summary, one table per structure, ratios."""
     meta = report["meta"]
     s, d = meta["shape"], meta["device"]
     head = [
