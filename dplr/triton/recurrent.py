@@ -38,12 +38,12 @@ class Tiles:
 # Register budget per program, in state elements: the forward holds one tile, the backward
 # three (state, its gradient, a recomputed decayed copy). Four warps carry 4096 fp32 values
 # in 32 registers a thread; larger tiles spill.
-_TILE_ELEMENTS = {"forward": 4096, "backward": 2048}
+_TILE_ELEMENTS = {"forward": 4096, "decode": 4096, "backward": 2048}
 
 
 def tiles(K: int, V: int, kind: str) -> Tiles:
     """The tile for head sizes ``K, V`` (each at most :data:`MAX_HEAD_DIM`) and a ``kind`` of
-    kernel (``"forward"``, also used by decode, or ``"backward"``)."""
+    kernel (``"forward"``, ``"decode"`` or ``"backward"``)."""
     BK = triton.next_power_of_2(K)
     BV = min(triton.next_power_of_2(V), max(_TILE_ELEMENTS[kind] // BK, 8))
     num_warps = 4 if BK * BV >= 2048 else 2 if BK * BV >= 512 else 1
@@ -196,18 +196,25 @@ def backward(problem: Problem, d_out: torch.Tensor, d_final: torch.Tensor | None
 
 
 def decode(
-    problem: Problem, pool: torch.Tensor, slots: torch.Tensor, *, state_v_first: bool, intermediate: bool
+    problem: Problem,
+    pool: torch.Tensor,
+    slots: torch.Tensor,
+    *,
+    state_v_first: bool,
+    intermediate: bool,
+    tile: Tiles | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The state-pool decode step: sequence ``n`` runs its ``T`` tokens from ``pool[slots[n]]``
     and writes the state back there, in place. ``pool [P, HV, K, V]`` (``[P, HV, V, K]`` when
     ``state_v_first``), ``slots [N]``; a slot outside ``[0, P)`` is neither read nor written and
     its rows of the outputs are zeros. Returns ``(o [N, T, HV, V] in v's dtype, the state after
-    every token [N, T, HV, K, V] (or ``[.., V, K]``) in the pool's dtype, or None)``."""
+    every token [N, T, HV, K, V] (or ``[.., V, K]``) in the pool's dtype, or None)``. ``tile``
+    overrides the default split (for the benchmark's sweep)."""
     _check_supported(problem)
     p, device = problem, problem.q.device
     N, T, H, K = p.q.shape
     HV, V = p.v.shape[2], p.v.shape[3]
-    tile = tiles(K, V, "forward")
+    tile = tile or tiles(K, V, "decode")
     acc = torch.float64 if torch.float64 in (pool.dtype, p.compute_dtype) else torch.float32
     o = torch.empty(N, T, HV, V, dtype=p.v.dtype, device=device)
     state_shape = (V, K) if state_v_first else (K, V)

@@ -62,7 +62,7 @@ def recurrent_bwd_kernel(
     (``NT = B·T``; ``R = R' = 1`` when ``ATOMIC``, else ``R = NV·HV/H`` and ``R' = NV``)."""
     i_nh = tl.program_id(0).to(tl.int64)
     i_v = tl.program_id(1).to(tl.int64)
-    NV: tl.constexpr = triton.cdiv(V, BV)
+    NV: tl.constexpr = (V + BV - 1) // BV
     G: tl.constexpr = HV // H
     i_n, i_hv = i_nh // HV, i_nh % HV
     i_h, i_g = i_hv // G, i_hv % G
