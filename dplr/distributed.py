@@ -11,16 +11,17 @@ with the same tensors and options plus ``group``::
 
 The result equals what one process computes on the whole sequence, forward and backward.
 
-How. The state recurrence is linear in the initial state ``S₀`` for every structure: a slice
-maps ``S₀`` to ``o_t = o_t⁰ + Y_tᵀ-applied S₀`` and ``S_end = S⁰ + P S₀``, where ``o⁰, S⁰`` are
-the results from a zero start and ``P`` (``K×K`` per head) is the product of the slice's
-transitions, which depends on ``k, g, beta, a, b`` but not on ``v``. One call of the ordinary
-chunk op gives all of them: the values widened to ``[v | 0]`` (``V + K`` columns) and the
-initial state ``[0 | I_K]``; the output's last ``K`` columns are ``Y`` and the final state is
-``[S⁰ | P]``. The ranks all-gather their summaries ``(S⁰, P)`` (``[rows, HV, K, V + K]``), each
-folds those before it into its true initial state ``c_r`` (``c_{r+1} = S⁰_r + P_r c_r``) and
-finishes with small matmuls: ``o = o⁰ + Y c_r``. The backward is the mirror image: each rank's
-gradient with respect to its ``c_r`` is all-gathered and folded from the last rank back
+How. The state recurrence is linear in the initial state ``S₀`` for every structure: over a
+slice, ``o_t = o⁰_t + S₀ᵀ y_t`` and ``S_end = S⁰ + P S₀``, where ``o⁰, S⁰`` are the results from
+a zero start, ``y_t`` (``[K]`` per head) is the output of a ``K×K`` state started from the
+identity with zero values, and ``P`` (``K×K``) is the product of the slice's transitions, which
+depends on ``k, g, beta, a, b`` but not on ``v``. One call of the ordinary chunk op gives all
+of them: the values widened to ``[v | 0]`` (``V + K`` columns) and the initial state
+``[0 | I_K]``; the output is ``[o⁰ | y]`` and the final state ``[S⁰ | P]``. The ranks
+all-gather their summaries ``(S⁰, P)`` (``[rows, HV, K, V + K]``), each folds those before it
+into its true initial state ``c_r`` (``c_{r+1} = S⁰_r + P_r c_r``) and finishes with small
+matmuls: ``o_t = o⁰_t + c_rᵀ y_t``. The backward is the mirror image: each rank's gradient
+with respect to its ``c_r`` is all-gathered and folded from the last rank back
 (``G_r = ∂L/∂c_r + P_rᵀ G_{r+1}``). So one all-gather forward and one backward, whatever ``T``;
 with ``cu_seqlens`` and ``output_final_state=True``, one reduce to the last rank (and its
 broadcast in the backward) brings the final states of sequences that end on earlier ranks.
@@ -58,13 +59,11 @@ from .reference import Output
 from .transition import FAMILIES
 
 DEFAULT_CHUNK_SIZE = api.DEFAULT_CHUNK_SIZE
-# Options that the split rewrites per piece; every other option goes to the op unchanged.
-_PER_PIECE = ("initial_state", "output_final_state", "cu_seqlens", "cu_seqlens_cpu")
 
 
 @dataclass(frozen=True)
 class _Plan:
-    """What this rank computes, from host metadata only (the same on every rank for ranks' shares).
+    """What this rank computes, planned on the host from the shapes and the global ``cu_seqlens``.
 
     The *head* is the piece that continues from the previous rank (tokens ``[0, head_len)``,
     run with the widened values); the *rest* are the other pieces (tokens ``[head_len, T)``,
@@ -101,7 +100,7 @@ def _batch_plan(world: int, rank: int, B: int, T: int, output_final_state: bool)
 def _varlen_plan(world: int, rank: int, bounds: list[int], T: int, output_final_state: bool) -> _Plan:
     """``bounds``: the global ``cu_seqlens``. A sequence lives on the ranks from the one holding
     its first token to the one holding its last; an empty one on the rank holding its position
-    (the last rank for the end of the sequence)."""
+    (the last rank for one at the very end)."""
 
     def holder(position: int) -> int:
         return min(position // T, world - 1) if T else world - 1
@@ -127,8 +126,11 @@ def _varlen_plan(world: int, rank: int, bounds: list[int], T: int, output_final_
 
 
 def _gather(x: torch.Tensor, group) -> list[torch.Tensor]:
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, x.contiguous(), group=group)
+    x = x.contiguous()
+    # Contiguous buffers: empty_like would keep a permuted layout (einsum results, autograd
+    # gradients), and the collective writes the sender's contiguous bytes.
+    parts = [torch.empty(x.shape, dtype=x.dtype, device=x.device) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x, group=group)
     return parts
 
 
@@ -303,7 +305,7 @@ def _context_parallel(name: str, args: dict) -> Output:
         rest_finals = finals if finals.shape[0] else None
     if summary is None:
         summary = v.new_zeros(plan.rows, HV, K, V + K, dtype=state_dtype)  # nothing continues out of this slice
-    o_local = torch.cat(pieces, 1) if pieces else v.new_empty(B, T, HV, V)
+    o_local = torch.cat(pieces, 1) if len(pieces) > 1 else pieces[0] if pieces else v.new_empty(B, T, HV, V)
 
     o, final = _Exchange.apply(plan, group, o_local, head_y, head_final, summary, rest_finals)
     return Output(o, final if output_final_state and plan.rank == world - 1 else None)
@@ -514,3 +516,39 @@ def chunk_rwkv7(
     """:func:`dplr.chunk_rwkv7` on this rank's slice ``[B, T, ...]`` of a sequence split over ``group``:
     returns ``o [B, T, HV, V]`` and, on the last rank, the final state ``[N, HV, K, V]``."""
     return _context_parallel("rwkv7", locals())
+
+
+# ---------------------------------------------------------------------------------------------
+# The halo of a short convolution or token shift: the last tokens of the previous rank.
+
+
+class _PreviousTokens(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, last, group, rank, world):
+        parts = _gather(last, group)
+        ctx.group, ctx.rank, ctx.world = group, rank, world
+        return parts[rank - 1] if rank > 0 else torch.zeros_like(last)
+
+    @staticmethod
+    def backward(ctx, d_tail):
+        parts = _gather(d_tail, ctx.group)  # the gradient of the tail each rank received
+        rank = ctx.rank
+        return (parts[rank + 1] if rank < ctx.world - 1 else torch.zeros_like(d_tail)), None, None, None
+
+
+def previous_tokens(x: torch.Tensor, count: int, *, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """The last ``count`` tokens of the previous rank's slice, zeros on the first rank, with the
+    gradient sent back to that rank: ``x [B, T, ...]`` → ``[B, count, ...]``.
+
+    This is the ``tail`` that a short causal convolution of width ``count + 1`` (or a token shift,
+    ``count = 1``) needs at the start of a slice, e.g. ``ShortConvolution(y, previous_tokens(y, 3))``
+    for width 4. Every rank must hold at least ``count`` tokens. One all-gather each way.
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() < 2:
+        raise TypeError(f"x must be a tensor [B, T, ...], got {getattr(x, 'shape', type(x).__name__)}")
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ValueError(f"count must be an int >= 0, got {count!r}")
+    if x.shape[1] < count:
+        raise ValueError(f"x holds T={x.shape[1]} tokens on this rank; previous_tokens needs at least count={count}")
+    group, world, rank = _group_position(group)
+    return _PreviousTokens.apply(x[:, x.shape[1] - count :], group, rank, world)

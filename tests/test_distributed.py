@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import dplr.distributed as cp
+from dplr.layers.common import ShortConvolution
 from dplr.testing import float_tensors, make_inputs, op, rel_err
 from dplr.transition import FAMILIES
 from tests.helpers import TOL
@@ -95,6 +96,32 @@ def _check(world: int, rank: int, case: tuple) -> dict:
     return dict(errors=errors, collectives=collectives, dtype=str(dtype)[6:])
 
 
+def _check_halo(world: int, rank: int) -> dict:
+    """A short convolution over slices, each started from the previous rank's last tokens, equals
+    the convolution of the whole sequence (output, input gradient, summed weight gradient)."""
+    lengths = [5, 7, 3, 9][:world]
+    start = sum(lengths[:rank])
+    stop = start + lengths[rank]
+    gen = torch.Generator().manual_seed(3)
+    conv = ShortConvolution(6, 4).double()
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen))  # the same filter on every rank
+    x = torch.randn(2, sum(lengths), 6, generator=gen, dtype=torch.float64)
+    dy = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    whole = x.clone().requires_grad_(True)
+    y, _ = conv(whole)
+    dx, dw = torch.autograd.grad((y * dy).sum(), (whole, conv.weight))
+    mine = x[:, start:stop].clone().requires_grad_(True)
+    y_cp, _ = conv(mine, cp.previous_tokens(mine, conv.kernel_size - 1))
+    dx_cp, dw_cp = torch.autograd.grad((y_cp * dy[:, start:stop]).sum(), (mine, conv.weight))
+    dist.all_reduce(dw_cp)
+    return {
+        "y": rel_err(y_cp.detach(), y.detach()[:, start:stop]),
+        "dx": rel_err(dx_cp, dx[:, start:stop]),
+        "dweight": rel_err(dw_cp, dw),
+    }
+
+
 def _count_collectives():
     """Count the collectives made until the returned function is called (it restores them)."""
     names = ("all_gather", "reduce", "broadcast", "all_reduce", "send", "recv", "all_gather_into_tensor")
@@ -125,6 +152,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         results = {case[0]: _check(world, rank, case) for case in CASES}
+        results["halo"] = _check_halo(world, rank)
     finally:
         dist.destroy_process_group()
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
@@ -166,6 +194,12 @@ def test_collectives_do_not_depend_on_length(spawned):
             _, _, _, varlen, _, with_state = case
             expected = 2 + (2 if varlen and with_state else 0)
             assert results[case[0]]["collectives"] == expected, case[0]
+
+
+def test_previous_tokens_make_the_convolution_exact(spawned):
+    world, ranks = spawned
+    bad = {f"rank{r}:{k}": e for r, res in enumerate(ranks) for k, e in res["halo"].items() if not e <= 1e-12}
+    assert not bad, f"world {world}: {bad}"
 
 
 @pytest.fixture
