@@ -30,8 +30,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .recurrent_fwd import decay_rows, load_token, step
-from .structure import DECAY_CHANNEL, DECAY_SCALAR, LOWRANK_GENERAL, LOWRANK_TIED
+from .recurrent_fwd import CHANNEL, GENERAL, SCALAR, TIED, decay_rows, load_token, step
 
 
 @triton.jit
@@ -122,7 +121,7 @@ def recurrent_bwd_kernel(
             dh += scale * b_q[:, None] * b_do[None, :]
             key_row = ((r_key * NT + t) * H + i_h) * K + o_k
             hd = decay_rows(h, b_e, DECAY)
-            if LOWRANK == LOWRANK_TIED:
+            if LOWRANK == TIED:
                 b_u = b_v - tl.sum(b_k[:, None] * hd, 0)
                 b_dvn = tl.sum(dh * b_k[:, None], 0)
                 b_dk = tl.sum(dh * (b_beta * b_u)[None, :], 1) - b_beta * tl.sum(hd * b_dvn[None, :], 1)
@@ -132,19 +131,19 @@ def recurrent_bwd_kernel(
             else:
                 b_dk = tl.sum(dh * b_v[None, :], 1)
                 b_dv = tl.sum(dh * b_k[:, None], 0)
-            if LOWRANK == LOWRANK_GENERAL:
+            if LOWRANK == GENERAL:
                 b_x = tl.sum(b_a[:, None] * h, 0)
                 b_dx = tl.sum(dh * b_b[:, None], 0)
                 accumulate(db + key_row, tl.sum(dh * b_x[None, :], 1), mask_k, ATOMIC)
                 accumulate(da + key_row, tl.sum(h * b_dx[None, :], 1), mask_k, ATOMIC)
             accumulate(dk + key_row, b_dk, mask_k, ATOMIC)
             tl.store(dv + (t * HV + i_hv) * V + o_v, b_dv.to(dv.dtype.element_ty), mask=mask_v)
-            if DECAY == DECAY_CHANNEL:
+            if DECAY == CHANNEL:
                 accumulate(dg + ((r_val * NT + t) * HV + i_hv) * K + o_k, tl.sum(dh * hd, 1), mask_k, ATOMIC)
-            elif DECAY == DECAY_SCALAR:
+            elif DECAY == SCALAR:
                 accumulate(dg + (r_val * NT + t) * HV + i_hv, tl.sum(tl.sum(dh * hd, 1), 0), None, ATOMIC)
             dh = decay_rows(dh, b_e, DECAY)
-            if LOWRANK == LOWRANK_GENERAL:
+            if LOWRANK == GENERAL:
                 dh = dh + b_a[:, None] * b_dx[None, :]
         tl.debug_barrier()  # the next segment overwrites the scratch tiles read above
     tl.store(dh0 + i_n * HV * K * V + p_kv, dh.to(dh0.dtype.element_ty), mask=mask_h)

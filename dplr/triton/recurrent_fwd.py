@@ -23,7 +23,13 @@ import triton.language as tl
 
 from .structure import DECAY_CHANNEL, DECAY_SCALAR, LOWRANK_GENERAL, LOWRANK_TIED
 
-SAVE_NONE, SAVE_CHECKPOINTS, SAVE_EVERY_TOKEN = 0, 1, 2
+SAVE_NONE, SAVE_CHECKPOINTS, SAVE_EVERY_TOKEN = 0, 1, 2  # the kernel's SAVE argument
+
+# Kernels may read module globals only when they are tl.constexpr objects (Triton rejects
+# plain ints at compile time; the interpreter does not), hence these twins of the values above.
+CHANNEL, SCALAR = tl.constexpr(DECAY_CHANNEL), tl.constexpr(DECAY_SCALAR)
+TIED, GENERAL = tl.constexpr(LOWRANK_TIED), tl.constexpr(LOWRANK_GENERAL)
+CHECKPOINTS, EVERY_TOKEN = tl.constexpr(SAVE_CHECKPOINTS), tl.constexpr(SAVE_EVERY_TOKEN)
 
 
 @triton.jit
@@ -40,17 +46,17 @@ def load_token(
     b_q = tl.load(q + row_k + o_k, mask=mask_k, other=0).to(ACC)
     b_k = tl.load(k + row_k + o_k, mask=mask_k, other=0).to(ACC)
     b_v = tl.load(v + row_v + o_v, mask=mask_v, other=0).to(ACC)
-    if DECAY == DECAY_CHANNEL:
+    if DECAY == CHANNEL:
         b_e = tl.exp(tl.load(g + row_g + o_k, mask=mask_k, other=0).to(ACC))
-    elif DECAY == DECAY_SCALAR:
+    elif DECAY == SCALAR:
         b_e = tl.exp(tl.load(g + row_s).to(ACC))
     else:
         b_e = 1.0
-    if LOWRANK == LOWRANK_TIED:
+    if LOWRANK == TIED:
         b_beta = tl.load(beta + row_s).to(ACC)
     else:
         b_beta = 0.0
-    if LOWRANK == LOWRANK_GENERAL:
+    if LOWRANK == GENERAL:
         b_a = tl.load(a + row_k + o_k, mask=mask_k, other=0).to(ACC)
         b_b = tl.load(b + row_k + o_k, mask=mask_k, other=0).to(ACC)
     else:
@@ -62,9 +68,9 @@ def load_token(
 @triton.jit
 def decay_rows(h, b_e, DECAY: tl.constexpr):
     """``Diag(exp(g)) h`` on a ``[BK, BV]`` tile (a scalar decay scales the whole tile)."""
-    if DECAY == DECAY_CHANNEL:
+    if DECAY == CHANNEL:
         h = h * b_e[:, None]
-    elif DECAY == DECAY_SCALAR:
+    elif DECAY == SCALAR:
         h = h * b_e
     return h
 
@@ -72,12 +78,12 @@ def decay_rows(h, b_e, DECAY: tl.constexpr):
 @triton.jit
 def step(h, b_k, b_v, b_e, b_beta, b_a, b_b, DECAY: tl.constexpr, LOWRANK: tl.constexpr):
     """One token of DESIGN §2 on a ``[BK, BV]`` tile: the state after the token."""
-    if LOWRANK == LOWRANK_GENERAL:
+    if LOWRANK == GENERAL:
         b_x = tl.sum(b_a[:, None] * h, 0)  # aᵀ S reads the undecayed state
     h = decay_rows(h, b_e, DECAY)
-    if LOWRANK == LOWRANK_TIED:
+    if LOWRANK == TIED:
         b_v = b_beta * (b_v - tl.sum(b_k[:, None] * h, 0))  # the delta rule's corrected value
-    elif LOWRANK == LOWRANK_GENERAL:
+    elif LOWRANK == GENERAL:
         h = h + b_b[:, None] * b_x[None, :]
     return h + b_k[:, None] * b_v[None, :]
 
@@ -134,13 +140,13 @@ def recurrent_fwd_kernel(
         h = tl.zeros([BK, BV], dtype=ACC)
 
     p_save = i_hv * e_h + o_k[:, None] * e_k + o_v[None, :] * e_v
-    if SAVE == SAVE_CHECKPOINTS:
+    if SAVE == CHECKPOINTS:
         if VARLEN:
             first = tl.load(save_offsets + i_n).to(tl.int64)
         else:
             first = i_n * tl.cdiv(T, CK)
     for t in range(bos, eos):
-        if SAVE == SAVE_CHECKPOINTS:  # noqa: SIM102 (a compile-time branch around a run-time one)
+        if SAVE == CHECKPOINTS:  # noqa: SIM102 (a compile-time branch around a run-time one)
             if (t - bos) % CK == 0:
                 tl.store(save + (first + (t - bos) // CK) * e_n + p_save, h.to(save.dtype.element_ty), mask=mask_h)
         b_q, b_k, b_v, b_e, b_beta, b_a, b_b = load_token(
@@ -154,7 +160,7 @@ def recurrent_fwd_kernel(
             if POOL:
                 b_o = tl.where(valid, b_o, 0.0)  # a padding row's output is defined: zeros
             tl.store(o + (t * HV + i_hv) * V + o_v, b_o.to(o.dtype.element_ty), mask=mask_v)
-        if SAVE == SAVE_EVERY_TOKEN:
+        if SAVE == EVERY_TOKEN:
             kept = h
             if POOL:
                 kept = tl.where(valid, h, 0.0)
