@@ -158,11 +158,23 @@ def _in_kernel_gate(name: str, f: torch.Tensor, args: dict, dims: checks.Dims, q
 
 def _dispatch(problem: Problem, mode: str, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     backend = settings.backend()
+    kernel_chunk = library.RECURRENT_CHUNK if mode == RECURRENT else chunk_size
     if backend == "auto":
-        backend = "triton" if problem.q.is_cuda and _triton_available() else "torch"
+        backend = "triton" if _triton_suits(problem, kernel_chunk) else "torch"
     elif backend == "triton" and not _triton_available():
         raise RuntimeError("DPLR_BACKEND=triton, but triton does not import")
-    return library.dispatch(problem, library.RECURRENT_CHUNK if mode == RECURRENT else chunk_size, backend)
+    return library.dispatch(problem, kernel_chunk, backend)
+
+
+def _triton_suits(problem: Problem, chunk_size: int) -> bool:
+    """CUDA tensors in 16/32-bit floats, and a Triton backward if a gradient will be asked for."""
+    if not (problem.q.is_cuda and problem.q.dtype != torch.float64 and _triton_available()):
+        return False
+    from . import triton as triton_path
+
+    tensors = (problem.q, problem.k, problem.v, problem.g, problem.beta, problem.a, problem.b, problem.initial_state)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    return not needs_grad or triton_path.has_backward(chunk_size)
 
 
 def _triton_available() -> bool:

@@ -18,6 +18,9 @@ import importlib
 import torch
 
 from ..engine import Problem
+from . import interpreter
+
+interpreter.patch()
 
 RECURRENT_CHUNK = 0
 
@@ -36,5 +39,15 @@ def forward(problem: Problem, chunk_size: int) -> tuple[torch.Tensor, torch.Tens
     return _module(chunk_size).forward(problem, chunk_size)
 
 
+def has_backward(chunk_size: int) -> bool:
+    try:
+        return hasattr(_module(chunk_size), "backward")
+    except RuntimeError:
+        return False
+
+
 def backward(problem: Problem, d_out: torch.Tensor, d_final: torch.Tensor, chunk_size: int) -> tuple:
-    return _module(chunk_size).backward(problem, d_out, d_final, chunk_size)
+    module = _module(chunk_size)
+    if not hasattr(module, "backward"):
+        raise RuntimeError("this build of dplr has no Triton backward for these kernels; use DPLR_BACKEND=torch")
+    return module.backward(problem, d_out, d_final, chunk_size)

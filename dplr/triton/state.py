@@ -1,0 +1,91 @@
+"""Stages 4-5 on the GPU: the sequential state pass over a sequence's chunks, with each chunk's
+output computed from the state it starts with (one program per sequence, value head and block
+of value columns; the state ``[K, BV]`` stays in registers, in fp32, for the whole sequence).
+
+Per chunk, with ``W, U, K_END, ...`` from :mod:`dplr.triton.intra`:
+
+* ``P = U + W S`` (the pseudo-values of a rank-one part);
+* ``O = scale · (Q_START S + A_qk (P | v) [+ A_qb P])``;
+* ``S ← exp(G_C) ⊙ S + K_ENDᵀ (P | v) [+ B_ENDᵀ P]``.
+
+The chunk's loads do not depend on ``S``, so the pipelined loop fetches the next chunk while
+this one computes; only the three small products are on the sequential path.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .intra import _load_rows, _store_rows
+from .structure import DECAY_NONE, LOWRANK_GENERAL, LOWRANK_NONE, LOWRANK_TIED
+
+
+@triton.jit
+def _mm(x, y, PREC: tl.constexpr):
+    """``x @ y`` with the operands in ``x``'s dtype (bf16 inputs: bf16 tensor cores), fp32 sum."""
+    return tl.dot(x, y.to(x.dtype), input_precision=PREC)
+
+
+@triton.jit
+def chunk_state_kernel(
+    W, U, Q_START, K_END, B_END, A_QK, A_QB, DECAY_END, v, o, h0, ht,
+    seq_bos, seq_len, seq_chunk0, scale,
+    HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, KP: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
+    DECAY: tl.constexpr, LOWRANK: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr,
+    PREC: tl.constexpr, NUM_STAGES: tl.constexpr,
+):  # fmt: skip
+    """``o [BT, HV, V]``; states ``h0, ht [N, HV, K, V]`` fp32; per-sequence token offset,
+    length and first chunk in ``seq_bos, seq_len, seq_chunk0``."""
+    n = tl.program_id(0)
+    hv = tl.program_id(1)
+    vb = tl.program_id(2)
+    bos = tl.load(seq_bos + n).to(tl.int64)
+    length = tl.load(seq_len + n)
+    chunk0 = tl.load(seq_chunk0 + n)
+    i = tl.arange(0, C)
+    kk = tl.arange(0, KP)
+    vcols = vb * BV + tl.arange(0, BV)
+    state_mask = (kk < K)[:, None] & (vcols < V)[None, :]
+    state_ptr = ((n * HV + hv) * K + kk[:, None]).to(tl.int64) * V + vcols[None, :]
+
+    S = tl.zeros((KP, BV), dtype=tl.float32)
+    if USE_H0:
+        S += tl.load(h0 + state_ptr, mask=state_mask, other=0.0).to(tl.float32)
+
+    for c in tl.range(0, tl.cdiv(length, C), num_stages=NUM_STAGES):
+        row0 = bos + c * C
+        valid = c * C + i < length
+        q_start = _load_rows(Q_START + hv * K, row0, i, valid, HV * K, kk, K)
+        k_end = _load_rows(K_END + hv * K, row0, i, valid, HV * K, kk, K)
+        A_qk = _load_rows(A_QK + hv * C, row0, i, valid, HV * C, i, C)
+        if LOWRANK != LOWRANK_TIED:
+            v_c = _load_rows(v + hv * V, row0, i, valid, HV * V, vcols, V)
+        if LOWRANK != LOWRANK_NONE:
+            w_c = _load_rows(W + hv * K, row0, i, valid, HV * K, kk, K)
+            u_c = _load_rows(U + hv * V, row0, i, valid, HV * V, vcols, V).to(tl.float32)
+            P = u_c + _mm(w_c, S, PREC)
+
+        out = _mm(q_start, S, PREC)
+        if LOWRANK == LOWRANK_TIED:
+            out += _mm(A_qk, P, PREC)
+        else:
+            out += _mm(A_qk, v_c, PREC)
+        if LOWRANK == LOWRANK_GENERAL:
+            A_qb = _load_rows(A_QB + hv * C, row0, i, valid, HV * C, i, C)
+            out += _mm(A_qb, P, PREC)
+        _store_rows(o + hv * V, out * scale, row0, i, valid, HV * V, vcols, V)
+
+        if DECAY != DECAY_NONE:
+            decay = tl.load(DECAY_END + ((chunk0 + c) * HV + hv) * K + kk, mask=kk < K, other=0.0)
+            S = decay[:, None] * S
+        if LOWRANK == LOWRANK_TIED:
+            S += _mm(tl.trans(k_end), P, PREC)
+        else:
+            S += _mm(tl.trans(k_end), v_c, PREC)
+        if LOWRANK == LOWRANK_GENERAL:
+            b_end = _load_rows(B_END + hv * K, row0, i, valid, HV * K, kk, K)
+            S += _mm(tl.trans(b_end), P, PREC)
+
+    if STORE_HT:
+        tl.store(ht + state_ptr, S, mask=state_mask)
