@@ -5,6 +5,11 @@ full size."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -111,3 +116,52 @@ def test_decode_out_of_range_slot_is_not_written():
     assert not o[0].any()
     changed = [i for i in range(6) if not torch.equal(storage[i], before[i])]
     assert changed == [2]
+
+
+# The interpreter accepts code that the GPU compiler rejects (plain-int globals, for one), so
+# the kernels are also compiled, without a GPU, for sm_90 in a process without the interpreter.
+_FLOATS = {"q": "*bf16", "k": "*bf16", "v": "*bf16", "a": "*bf16", "b": "*bf16", "scale": "fp32"}
+_INTS = {"num_slots", "T", "NT", "s_n", "s_h", "s_k", "s_v", "e_n", "e_h", "e_k", "e_v"}
+_VARIANTS = [  # (kernel, constexprs): every DECAY and LOWRANK branch, and each mode
+    ("fwd", dict(DECAY=0, LOWRANK=1, SAVE=2, CK=1, POOL=True, VARLEN=False, s_v=1, e_v=1)),
+    ("fwd", dict(DECAY=1, LOWRANK=0, SAVE=1, CK=64, POOL=False, VARLEN=True, s_v=1, e_v=1)),
+    ("fwd", dict(DECAY=2, LOWRANK=2, SAVE=0, CK=1, POOL=False, VARLEN=False, s_k=1, e_k=1)),
+    ("bwd", dict(DECAY=0, LOWRANK=1, ATOMIC=True, VARLEN=False)),
+    ("bwd", dict(DECAY=1, LOWRANK=0, ATOMIC=False, VARLEN=True)),
+    ("bwd", dict(DECAY=2, LOWRANK=2, ATOMIC=True, VARLEN=False)),
+]
+
+
+def compile_for_sm90() -> None:
+    """Compile every variant of :data:`_VARIANTS` to a cubin (run in a subprocess)."""
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from dplr.triton.recurrent_bwd import recurrent_bwd_kernel
+    from dplr.triton.recurrent_fwd import recurrent_fwd_kernel
+
+    kernels = {"fwd": recurrent_fwd_kernel, "bwd": recurrent_bwd_kernel}
+    shape = dict(H=4, HV=8, K=128, V=128, BK=128, HAS_H0=True, HAS_HT=True, STORE_O=True, ACC=tl.float32)
+    for kind, variant in _VARIANTS:
+        fn = kernels[kind]
+        given = {**shape, "BV": 32 if kind == "fwd" else 16, "CK": 64, **variant}
+        signature, constexprs, attrs = {}, {}, {}
+        for i, name in enumerate(fn.arg_names):
+            if name in given:
+                signature[name], constexprs[(i,)] = "constexpr", given[name]
+                continue
+            signature[name] = _FLOATS.get(name, "i64" if name in _INTS else "*fp32")
+            attrs[(i,)] = [["tt.divisibility", 16]]  # as the launcher specialises aligned pointers and strides
+        source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+        triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+
+
+@pytest.mark.skipif(not INTERPRET, reason="on a GPU the other tests compile the kernels")
+def test_kernels_compile_for_sm90():
+    code = "from tests.triton.test_recurrent import compile_for_sm90; compile_for_sm90()"
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
