@@ -30,11 +30,14 @@ def run(problem: Problem, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _forward(backend: str, problem: Problem, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(o in v's dtype, final state in fp32 / fp64)``."""
     if backend == "triton":
         from . import triton as triton_path
 
-        return triton_path.forward(problem, chunk_size)
-    return run(problem, chunk_size)
+        o, final = triton_path.forward(problem, chunk_size)
+    else:
+        o, final = run(problem, chunk_size)
+    return o.to(problem.v.dtype), final
 
 
 def _problem(q, k, v, g, beta, a, b, initial_state, cu_seqlens, scale, decay, lowrank) -> Problem:
@@ -70,8 +73,8 @@ def _(q, k, v, g, beta, a, b, initial_state, cu_seqlens, scale, decay, lowrank, 
     B, T, _, K = q.shape
     HV, V = v.shape[2], v.shape[3]
     N = B if cu_seqlens is None else len(cu_seqlens) - 1
-    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return q.new_empty(B, T, HV, V, dtype=dtype), q.new_empty(N, HV, K, V, dtype=dtype)
+    state_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return v.new_empty(B, T, HV, V), q.new_empty(N, HV, K, V, dtype=state_dtype)
 
 
 def _autograd_inside_op():
@@ -118,7 +121,8 @@ def recurrence_backward_op(
         with _autograd_inside_op(), torch.enable_grad():
             out, final = run(_problem(*leaves, cu_seqlens, scale, decay, lowrank), chunk_size)
         present = [t for t in leaves if t is not None]
-        found = iter(torch.autograd.grad((out, final), present, (d_out, d_final), allow_unused=True))
+        cotangents = (d_out.to(out.dtype), d_final.to(final.dtype))
+        found = iter(torch.autograd.grad((out, final), present, cotangents, allow_unused=True))
         grads = [None if t is None else next(found) for t in leaves]
     return [
         q.new_empty(0) if t is None else torch.zeros_like(t) if grad is None else grad
