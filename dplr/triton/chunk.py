@@ -7,6 +7,7 @@ block of value columns in parallel; sequential over the chunks of a sequence).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -22,15 +23,15 @@ from .structure import constexprs
 
 class ChunkIndex:
     """Where chunks and sequences lie in the flat token axis (built on the host from the
-    problem's lengths, which the front-end already holds: no device sync)."""
+    problem's lengths, which the front-end already holds: no device sync). Cached per layout,
+    so that repeated calls copy nothing to the device."""
 
-    def __init__(self, problem: Problem, chunk_size: int, device: torch.device):
-        B, T = problem.q.shape[:2]
-        if problem.cu_seqlens is None:
+    def __init__(self, B: int, T: int, cu_seqlens: tuple[int, ...] | None, chunk_size: int, device: torch.device):
+        if cu_seqlens is None:
             starts = torch.arange(B, dtype=torch.int64) * T
             lengths = torch.full((B,), T, dtype=torch.int64)
         else:
-            bounds = torch.tensor(problem.cu_seqlens, dtype=torch.int64)
+            bounds = torch.tensor(cu_seqlens, dtype=torch.int64)
             starts, lengths = bounds[:-1], bounds[1:] - bounds[:-1]
         counts = (lengths + chunk_size - 1) // chunk_size
         first = torch.cumsum(counts, 0) - counts
@@ -43,6 +44,13 @@ class ChunkIndex:
         self.seq_bos = starts.to(device=device, dtype=torch.int64)
         self.seq_len = lengths.to(device=device, dtype=torch.int32)
         self.seq_chunk0 = first.to(device=device, dtype=torch.int32)
+
+
+@functools.lru_cache(maxsize=64)
+def chunk_index(
+    B: int, T: int, cu_seqlens: tuple[int, ...] | None, chunk_size: int, device: torch.device
+) -> ChunkIndex:
+    return ChunkIndex(B, T, cu_seqlens, chunk_size, device)
 
 
 def _tokens(x: torch.Tensor | None) -> torch.Tensor | None:
@@ -58,7 +66,8 @@ def forward(problem: Problem, chunk_size: int) -> tuple[torch.Tensor, torch.Tens
     HV, V = p.v.shape[2], p.v.shape[3]
     C = chunk_size
     device = p.q.device
-    index = ChunkIndex(p, C, device)
+    cu = None if p.cu_seqlens is None else tuple(p.cu_seqlens)
+    index = chunk_index(B, T, cu, C, device)
     structure = constexprs(p.transition)
     lowrank = p.transition.lowrank
     cfg = configs.chunk_forward(K=K, V=V, C=C, dtype=p.q.dtype, device=device)

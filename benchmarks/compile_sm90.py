@@ -1,0 +1,108 @@
+"""Compile the Triton chunk kernels for sm_90 without a GPU and print their resource usage
+(registers, spills, shared memory): catches compile errors and register pressure before any
+device time is spent.  ``python benchmarks/compile_sm90.py [--K 128] [--V 128] [--C 64]``"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import tempfile
+
+os.environ["TRITON_INTERPRET"] = "0"
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from dplr.triton.intra import chunk_prepare_kernel
+from dplr.triton.state import chunk_state_kernel
+
+TARGET = GPUTarget("cuda", 90, 32)
+_BF16 = {"q", "k", "v", "a", "b", "W", "U", "Q_START", "K_END", "B_END", "A_QK", "A_QB", "o"}
+_I64 = {"chunk_bos", "seq_bos"}
+_I32 = {"chunk_len", "seq_len", "seq_chunk0"}
+
+
+def compile_kernel(fn, given: dict, num_warps: int, dtype: str = "bf16"):
+    signature, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in given:
+            signature[name], constexprs[(i,)] = "constexpr", given[name]
+            continue
+        if name == "scale":
+            signature[name] = "fp32"
+            continue
+        kind = dtype if name in _BF16 else "i64" if name in _I64 else "i32" if name in _I32 else "fp32"
+        signature[name] = "*" + kind
+        attrs[(i,)] = [["tt.divisibility", 16]]
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(source, target=TARGET, options={"num_warps": num_warps, "num_stages": given.get("NS", 2)})
+
+
+def usage(kernel) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
+    return f"regs {found[1]} stack {found[2]} shared {found[3]} local {found[4]}" if found else out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--K", type=int, default=128)
+    ap.add_argument("--V", type=int, default=128)
+    ap.add_argument("--C", type=int, default=64)
+    ap.add_argument("--dtype", default="bf16")
+    ns = ap.parse_args()
+    import torch
+
+    from dplr.triton import configs
+
+    cfg = configs.chunk_forward(
+        K=ns.K, V=ns.V, C=ns.C, dtype=getattr(torch, {"bf16": "bfloat16"}.get(ns.dtype, ns.dtype)), device="cuda"
+    )
+    L = min(16, ns.C)
+    NB = ns.C // L
+    for decay, lowrank in [(2, 1), (1, 1), (2, 2), (2, 0), (0, 1)]:
+        prep = dict(
+            H=16,
+            HV=16,
+            K=ns.K,
+            V=ns.V,
+            C=ns.C,
+            L=L,
+            NB=NB,
+            LEVELS=NB.bit_length() - 1,
+            BK=cfg.BK,
+            BV=cfg.BV_prepare,
+            DECAY=decay,
+            LOWRANK=lowrank,
+            PREC=cfg.precision,
+            NS=1,
+        )
+        k1 = compile_kernel(chunk_prepare_kernel, prep, cfg.warps_prepare, ns.dtype)
+        state = dict(
+            HV=16,
+            K=ns.K,
+            V=ns.V,
+            KP=triton.next_power_of_2(ns.K),
+            C=ns.C,
+            BV=cfg.BV_state,
+            DECAY=decay,
+            LOWRANK=lowrank,
+            USE_H0=True,
+            STORE_HT=True,
+            PREC=cfg.precision,
+            NUM_STAGES=cfg.stages_state,
+            NS=cfg.stages_state,
+        )
+        k2 = compile_kernel(chunk_state_kernel, state, cfg.warps_state, ns.dtype)
+        print(f"decay={decay} lowrank={lowrank}: prepare [{usage(k1)}]  state [{usage(k2)}]")
+
+
+if __name__ == "__main__":
+    main()

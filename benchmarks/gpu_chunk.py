@@ -1,0 +1,352 @@
+"""GPU benchmark of the chunk ops, in one run on one card (issues 4 and 5).
+
+1. Correctness first: every family on the GPU against the fp64 reference (bf16 and fp32
+   inputs; outputs, final states and, where dplr has a Triton backward, every gradient), and the
+   Triton pytest file (tests/triton/test_chunk.py), whose output is saved beside the results.
+2. Speed: forward (and forward+backward) medians of ``triton.testing.do_bench`` for dplr and
+   fla-core 0.6.0 in the same process, on the issue's shapes, with peak memory, and the
+   fraction of the roofline floor (dplr.accounting, with the card's measured rates).
+
+Writes ``benchmarks/results/gpu_chunk_<card>.json`` and a PNG made from it; prints a short
+table last. fla-core is optional (``pip install --no-deps --target /tmp/site fla_core-0.6.0``).
+
+    python benchmarks/gpu_chunk.py [--families kda,dplr_delta_rule] [--shapes 0,1] [--no-fla]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dplr import FAMILIES  # noqa: E402
+from dplr.testing import float_tensors, make_inputs, op, reference, rel_err  # noqa: E402
+
+SHAPES = [(4, 8192, 16, 128), (1, 32768, 32, 128), (1, 65536, 16, 128), (16, 2048, 16, 128)]
+TIMED = ["kda", "dplr_delta_rule", "gated_delta_rule", "delta_rule", "gla", "simple_gla"]
+TOL = {torch.bfloat16: 5e-3, torch.float32: 1e-4}
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def load_fla():
+    try:
+        import fla.ops as ops
+        from fla.ops.generalized_delta_rule import chunk_dplr_delta_rule
+        from fla.ops.kda import chunk_kda
+    except ImportError as err:
+        print(f"fla-core not importable ({err}); timing dplr alone")
+        return None
+    return {
+        "kda": chunk_kda,
+        "dplr_delta_rule": chunk_dplr_delta_rule,
+        "gated_delta_rule": ops.gated_delta_rule.chunk_gated_delta_rule,
+        "delta_rule": ops.delta_rule.chunk_delta_rule,
+        "gla": ops.gla.chunk_gla,
+        "simple_gla": ops.simple_gla.chunk_simple_gla,
+    }
+
+
+def gpu_inputs(name: str, B: int, T: int, H: int, K: int, *, seed: int = 0) -> dict:
+    """Full-size inputs made on the GPU (bf16), distributed as dplr.testing.make_inputs makes them."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    dt = torch.bfloat16
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, device="cuda", dtype=torch.float32)
+
+    args = dict(q=randn(B, T, H, K).to(dt), k=randn(B, T, H, K), v=randn(B, T, H, K).to(dt))
+    family = FAMILIES[name]
+    lowrank, decay = family.transition.lowrank.value, family.transition.decay.value
+    if lowrank == "tied":
+        args["k"] = F.normalize(args["k"], dim=-1)
+        args["beta"] = torch.sigmoid(randn(B, T, H)).to(dt)
+    args["k"] = args["k"].to(dt)
+    if lowrank == "general":
+        kk = F.normalize(randn(B, T, H, K), dim=-1)
+        args["a"], args["b"] = (-kk).to(dt), (kk * torch.sigmoid(randn(B, T, H, 1))).to(dt)
+    if decay == "channel":
+        g = (
+            -(0.5**0.5) * torch.sigmoid(randn(B, T, H, K))
+            if lowrank == "general"
+            else F.logsigmoid(randn(B, T, H, K) + 2)
+        )
+        args["gk" if name == "dplr_delta_rule" else "g"] = g.to(dt)
+    elif decay == "scalar":
+        args["g"] = F.logsigmoid(randn(B, T, H) + 2).to(dt)
+    return args
+
+
+def fla_call(fn, name: str, args: dict):
+    order = {
+        "kda": ("q", "k", "v", "g", "beta"),
+        "gated_delta_rule": ("q", "k", "v", "g", "beta"),
+        "delta_rule": ("q", "k", "v", "beta"),
+        "dplr_delta_rule": ("q", "k", "v", "a", "b", "gk"),
+        "gla": ("q", "k", "v", "g"),
+        "simple_gla": ("q", "k", "v", "g"),
+    }[name]
+    tensors = [args[key] for key in order]
+    return lambda: fn(*tensors)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. correctness
+
+
+def check_family(name: str, dtype: torch.dtype, *, cu_seqlens=None, grads: bool) -> dict:
+    shape = dict(B=1, T=300, cu_seqlens=cu_seqlens) if cu_seqlens else dict(B=2, T=300)
+    args = make_inputs(name, H=2, HV=4, K=128, V=128, dtype=dtype, device="cuda", output_final_state=True, **shape)
+    names = float_tensors(args) if grads else []
+    for key in names:
+        args[key].requires_grad_(True)
+    o, final = op(name, "chunk")(**args)
+    ref_args = {k: x.detach().double().requires_grad_(k in names) if k in names else x for k, x in args.items()}
+    ro, rfinal = reference(name, ref_args)
+    errors = {"o": rel_err(o.detach(), ro.detach()), "final_state": rel_err(final.detach(), rfinal.detach())}
+    if names:
+        gen = torch.Generator(device="cuda").manual_seed(7)
+        do = torch.randn(ro.shape, generator=gen, device="cuda", dtype=torch.float64)
+        dfinal = torch.randn(rfinal.shape, generator=gen, device="cuda", dtype=torch.float64)
+        ((o.double() * do).sum() + (final.double() * dfinal).sum()).backward()
+        ((ro * do).sum() + (rfinal * dfinal).sum()).backward()
+        errors.update({f"d{k}": rel_err(args[k].grad, ref_args[k].grad) for k in names})
+    worst = max(errors, key=errors.get)
+    return dict(
+        family=name,
+        dtype=str(dtype).replace("torch.", ""),
+        varlen=bool(cu_seqlens),
+        errors=errors,
+        worst=worst,
+        error=errors[worst],
+        passed=errors[worst] <= TOL[dtype],
+    )
+
+
+def correctness(families: list[str], grads: bool) -> list[dict]:
+    rows = []
+    for name in families:
+        for dtype in (torch.bfloat16, torch.float32):
+            for cu in (None, [0, 37, 37, 300]):
+                try:
+                    rows.append(check_family(name, dtype, cu_seqlens=cu, grads=grads))
+                except Exception as err:  # recorded, not hidden: the run goes on to the others
+                    rows.append(
+                        dict(
+                            family=name,
+                            dtype=str(dtype),
+                            varlen=bool(cu),
+                            passed=False,
+                            error=float("inf"),
+                            failure=f"{type(err).__name__}: {err}",
+                        )
+                    )
+                    traceback.print_exc()
+                row = rows[-1]
+                print(
+                    f"  {name:18s} {row['dtype']:9s} varlen={row['varlen']!s:5s} worst {row.get('worst', '-')}"
+                    f" = {row['error']:.2e} {'pass' if row['passed'] else 'FAIL'}",
+                    flush=True,
+                )
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. speed
+
+
+def bench(fn, *, backward: bool) -> tuple[float, float]:
+    """Median ms and peak memory (GiB above the inputs) of fn() or fn() + backward."""
+    from triton.testing import do_bench
+
+    def step():
+        out = fn()
+        if backward:
+            o, _ = out
+            o.backward(grad)
+
+    out = fn()
+    grad = torch.randn_like(out[0]) if backward else None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+    ms = do_bench(step, warmup=25, rep=100, return_mode="median")
+    return ms, peak
+
+
+def speed(families: list[str], shapes: list[int], fla: dict | None, device_rates, backward: bool, rows: list) -> list:
+    """Appends one row per (shape, family) to ``rows`` as it goes (so a cut-off run keeps them)."""
+    from dplr.accounting import Shape, account, fused_floor, staged_floor
+
+    for index in shapes:
+        B, T, H, K = SHAPES[index]
+        for name in families:
+            args = gpu_inputs(name, B, T, H, K)
+            grads = [k for k in float_tensors(args)] if backward else []
+            for key in grads:
+                args[key].requires_grad_(True)
+            row = dict(family=name, shape=[B, T, H, K], pass_="fwd+bwd" if backward else "fwd")
+            acc = account(FAMILIES[name].transition, Shape(B=B, T=T, H=H, K=K, V=K, C=64))
+            direction = None if backward else "fwd"
+            row["floor_fused_ms"] = fused_floor(acc, device_rates, direction).seconds * 1e3
+            row["floor_staged_ms"] = staged_floor(acc, device_rates, direction) * 1e3
+            for lib, fn in (("dplr", lambda a=args, n=name: op(n, "chunk")(**a)), ("fla", None)):
+                if lib == "fla":
+                    if fla is None or name not in fla:
+                        continue
+                    fn = fla_call(fla[name], name, args)
+                try:
+                    ms, peak = bench(fn, backward=backward)
+                    row[f"{lib}_ms"], row[f"{lib}_peak_gib"] = ms, peak
+                except Exception as err:
+                    row[f"{lib}_error"] = f"{type(err).__name__}: {str(err)[:300]}"
+                    print(f"  {lib} {name} {SHAPES[index]}: {row[f'{lib}_error']}", flush=True)
+                torch.cuda.empty_cache()
+            if "dplr_ms" in row and "fla_ms" in row:
+                row["speedup"] = row["fla_ms"] / row["dplr_ms"]
+            if "dplr_ms" in row:
+                row["fraction_of_fused_floor"] = row["floor_fused_ms"] / row["dplr_ms"]
+            rows.append(row)
+            print(
+                f"  {row['pass_']:7s} {name:18s} {SHAPES[index]!s:22s} dplr {row.get('dplr_ms', math.nan):8.3f} ms"
+                f"  fla {row.get('fla_ms', math.nan):8.3f} ms  x{row.get('speedup', math.nan):5.2f}",
+                flush=True,
+            )
+            del args
+            torch.cuda.empty_cache()
+    return rows
+
+
+def plot(result: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no PNG")
+        return
+    rows = [r for r in result["speed"] if "dplr_ms" in r]
+    passes = sorted({r["pass_"] for r in rows})
+    fig, axes = plt.subplots(1, len(passes), figsize=(7 * len(passes), 5), squeeze=False)
+    for ax, kind in zip(axes[0], passes, strict=True):
+        sel = [r for r in rows if r["pass_"] == kind]
+        labels = [f"{r['family']}\n{tuple(r['shape'])}" for r in sel]
+        x = range(len(sel))
+        ax.bar([i - 0.2 for i in x], [r["dplr_ms"] for r in sel], 0.4, label="dplr")
+        ax.bar([i + 0.2 for i in x], [r.get("fla_ms", 0) for r in sel], 0.4, label="fla-core 0.6.0")
+        ax.set_xticks(list(x), labels, rotation=90, fontsize=6)
+        ax.set_ylabel("ms (median)")
+        ax.set_title(f"{kind} on {result['card']}")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--families", default=",".join(TIMED))
+    ap.add_argument("--shapes", default="0,1,2,3")
+    ap.add_argument("--no-fla", action="store_true")
+    ap.add_argument("--no-pytest", action="store_true")
+    ap.add_argument("--backward", choices=["auto", "yes", "no"], default="auto")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ns = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("no CUDA device: this benchmark runs on a GPU")
+        return 2
+    from dplr import triton as triton_path
+    from dplr.accounting import measure_device
+
+    card = torch.cuda.get_device_name()
+    slug = card.replace("NVIDIA ", "").replace(" ", "_")
+    out_dir = Path(ns.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    import triton
+
+    has_bwd = triton_path.has_backward(64)
+    backward = {"auto": has_bwd, "yes": True, "no": False}[ns.backward]
+    result = dict(
+        card=card,
+        torch=torch.__version__,
+        triton=triton.__version__,
+        commit=git_commit(),
+        python=platform.python_version(),
+        date=time.strftime("%Y-%m-%d %H:%M"),
+        triton_backward=has_bwd,
+    )
+    started = time.time()
+
+    if not ns.no_pytest:
+        done = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "tests/triton/test_chunk.py"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
+        (out_dir / f"gpu_chunk_pytest_{slug}.txt").write_text(done.stdout[-20000:] + done.stderr[-5000:])
+        result["pytest"] = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-500:]
+        print("pytest tests/triton/test_chunk.py:", result["pytest"], f"({time.time() - started:.0f}s)", flush=True)
+
+    families = ns.families.split(",")
+    print("correctness against the fp64 reference:", flush=True)
+    result["correctness"] = correctness([*families, "rwkv7"] if "dplr_delta_rule" in families else families, has_bwd)
+    print(f"({time.time() - started:.0f}s)", flush=True)
+
+    rates = measure_device("h200" if "H200" in card else "h100")
+    result["device_rates"] = dict(matmul_tflops=rates.matmul / 1e12, bandwidth_tbs=rates.bandwidth / 1e12)
+    print(
+        f"measured: {rates.matmul / 1e12:.0f} TFLOP/s bf16 matmul, {rates.bandwidth / 1e12:.2f} TB/s copy", flush=True
+    )
+    fla = None if ns.no_fla else load_fla()
+    shapes = [int(s) for s in ns.shapes.split(",")]
+    path = out_dir / f"gpu_chunk_{slug}.json"
+    result["speed"] = []
+    import atexit
+
+    def save():
+        result["seconds"] = time.time() - started
+        path.write_text(json.dumps(result, indent=1))
+
+    atexit.register(save)  # a run cut off by its time limit still leaves what it measured
+    speed(families, shapes, fla, rates, False, result["speed"])
+    if backward:
+        speed(families, shapes, fla, rates, True, result["speed"])
+    save()
+    plot(result, path.with_suffix(".png"))
+
+    print(f"\n{card}: dplr vs fla-core 0.6.0, bf16, median ms")
+    print(f"{'pass':8s} {'family':18s} {'shape':22s} {'dplr':>8s} {'fla':>8s} {'ratio':>6s} {'floor%':>7s}")
+    for r in result["speed"]:
+        print(
+            f"{r['pass_']:8s} {r['family']:18s} {tuple(r['shape'])!s:22s} {r.get('dplr_ms', math.nan):8.3f} "
+            f"{r.get('fla_ms', math.nan):8.3f} {r.get('speedup', math.nan):6.2f} "
+            f"{100 * r.get('fraction_of_fused_floor', math.nan):6.1f}%"
+        )
+    failed = [r for r in result["correctness"] if not r["passed"]]
+    print(f"correctness: {len(result['correctness']) - len(failed)}/{len(result['correctness'])} passed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
