@@ -26,7 +26,8 @@ with respect to its ``c_r`` is all-gathered and folded from the last rank back
 with ``cu_seqlens`` and ``output_final_state=True``, one reduce to the last rank (and its
 broadcast in the backward) brings the final states of sequences that end on earlier ranks.
 Only the piece that continues from the previous rank runs with the widened values; the first
-rank, and every other sequence, run the op as usual.
+rank, and every other sequence, run the op as usual. So the first rank has less to do: without
+``cu_seqlens`` a longer slice there evens out the ranks (``benchmarks/gpu_cp.py`` measures one).
 
 Contract:
 
