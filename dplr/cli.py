@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from . import __version__, accounting, settings
+from . import __version__, accounting, settings, tasks
 from .testing import MODES, float_tensors, make_inputs, op, reference, rel_err
 from .transition import FAMILIES
 
@@ -126,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Subcommands that live with their code register here, one line each: module.add_subcommand(sub)
     accounting.add_subcommand(sub)
+    tasks.mqar.add_subcommand(sub)
 
     ns = parser.parse_args(argv)
     return ns.func(ns)

@@ -1,0 +1,383 @@
+"""Multi-query associative recall (MQAR), the Zoology set-up, and a trainer that compares mixers.
+
+An example is ``P`` key-value pairs ``k1 v1 k2 v2 ...`` (keys from the lower half of the
+vocabulary, values from the upper half, distinct within an example), then a query region in
+which each key appears once more, at an even offset drawn from a power law that favours early
+slots; the model must predict the key's value at that position. Every other query-region token
+is a random token other than the example's keys (distractors; Zoology draws from the whole
+vocabulary, which at a small vocabulary puts stray copies of the keys in the query region).
+The loss and the accuracy count the ``P`` answer positions only.
+
+``python -m dplr mqar`` trains a 2-layer :class:`~dplr.models.lm.LM` per mixer and width and
+writes the accuracy table as JSON and a plot (accuracy vs width per mixer) as PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import platform
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .. import __version__
+from ..models.lm import LM, MIXERS, LMConfig
+
+IGNORE = -100  # the target of every position that is not an answer
+
+
+@dataclass(frozen=True)
+class Data:
+    """The task's shape: ``vocab_size`` tokens, sequences of ``seq_len``, ``num_kv_pairs`` pairs;
+    ``power_a`` shapes the query placement (Zoology's ``power_a``)."""
+
+    vocab_size: int
+    seq_len: int
+    num_kv_pairs: int
+    power_a: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.seq_len < 4 * self.num_kv_pairs:
+            raise ValueError(f"seq_len={self.seq_len} must be >= 4 * num_kv_pairs={4 * self.num_kv_pairs}")
+        if self.vocab_size // 2 <= self.num_kv_pairs:
+            raise ValueError(f"vocab_size={self.vocab_size} must exceed 2 * num_kv_pairs={2 * self.num_kv_pairs}")
+
+
+def make_examples(data: Data, num_examples: int, *, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``num_examples`` MQAR sequences: ``inputs [n, seq_len]`` and ``targets [n, seq_len]``
+    (the value at each query position, :data:`IGNORE` elsewhere), int64, on the CPU."""
+    gen = torch.Generator().manual_seed(seed)
+    P, T, half = data.num_kv_pairs, data.seq_len, data.vocab_size // 2
+    slots = (T - 2 * P) // 2  # query slots: even offsets in the query region
+    weights = data.power_a * torch.arange(1, slots + 1, dtype=torch.float64) ** (data.power_a - 1)
+    inputs, targets = [], []
+    for start in range(0, num_examples, 1024):  # in blocks: the key draw is [n, vocab/2]
+        n = min(1024, num_examples - start)
+        # P distinct keys from [1, half) and values from [half, vocab): the top P of uniform noise.
+        keys = 1 + torch.rand(n, half - 1, generator=gen).topk(P, dim=1).indices
+        values = half + torch.rand(n, data.vocab_size - half, generator=gen).topk(P, dim=1).indices
+        # Distractors: any token but this example's keys, so that a query's key occurs exactly twice
+        # (with a small vocabulary, random keys in the query region would pose as pairs).
+        free = torch.ones(n, data.vocab_size, dtype=torch.bool).scatter_(1, keys, False)
+        allowed = free.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, : data.vocab_size - P]
+        x = allowed.gather(1, torch.randint(0, data.vocab_size - P, (n, T), generator=gen))
+        x[:, 0 : 2 * P : 2], x[:, 1 : 2 * P : 2] = keys, values
+        where = 2 * P + 2 * torch.multinomial(weights.expand(n, slots), P, replacement=False, generator=gen)
+        x.scatter_(1, where, keys)
+        y = torch.full((n, T), IGNORE, dtype=torch.long).scatter_(1, where, values)
+        inputs.append(x)
+        targets.append(y)
+    if not inputs:
+        return torch.zeros(0, T, dtype=torch.long), torch.zeros(0, T, dtype=torch.long)
+    return torch.cat(inputs), torch.cat(targets)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A sweep: the data, the mixers and widths, and the training budget."""
+
+    data: Data
+    mixers: tuple[str, ...]
+    widths: tuple[int, ...]
+    train_examples: int
+    test_examples: int
+    epochs: int
+    batch_size: int
+    lr: float
+    num_layers: int = 2
+    head_dim: int = 64
+    weight_decay: float = 0.1
+    warmup_fraction: float = 0.1
+
+
+PRESETS = {
+    # Sized for a 2-core CPU: all six mixers at two widths in well under ten minutes.
+    "cpu": Preset(
+        data=Data(vocab_size=64, seq_len=32, num_kv_pairs=4),
+        mixers=MIXERS,
+        widths=(32, 64),
+        train_examples=9600,
+        test_examples=1000,
+        epochs=1,
+        batch_size=16,
+        lr=3e-3,
+        head_dim=32,
+    ),
+    # Zoology's sweep: vocab 8192, T = 512, 64 pairs, 2 layers, widths 64-512, 100K examples.
+    "gpu": Preset(
+        data=Data(vocab_size=8192, seq_len=512, num_kv_pairs=64),
+        mixers=MIXERS,
+        widths=(64, 128, 256, 512),
+        train_examples=100_000,
+        test_examples=3000,
+        epochs=4,
+        batch_size=64,
+        lr=1e-3,
+    ),
+}
+
+
+def model_config(preset: Preset, mixer: str, width: int) -> LMConfig:
+    """The 2-layer LM of a run: heads of ``head_dim`` (one head below it), short convolutions on."""
+    head_dim = min(preset.head_dim, width)
+    return LMConfig(
+        vocab_size=preset.data.vocab_size,
+        hidden_size=width,
+        num_layers=preset.num_layers,
+        num_heads=max(1, width // head_dim),
+        head_dim=head_dim,
+        mixer=mixer,
+    )
+
+
+def train_one(
+    preset: Preset,
+    mixer: str,
+    width: int,
+    train: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+    *,
+    device: torch.device,
+    seed: int,
+    lr: float | None = None,
+    progress: bool = True,
+) -> dict:
+    """Train one model and measure its recall accuracy on ``test``. Returns a result row."""
+    torch.manual_seed(seed)
+    lr = preset.lr if lr is None else lr
+    model = LM(model_config(preset, mixer, width)).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=preset.weight_decay, betas=(0.9, 0.98))
+    inputs, targets = train
+    steps_per_epoch = math.ceil(len(inputs) / preset.batch_size)
+    total = steps_per_epoch * preset.epochs
+    warmup = max(1, int(preset.warmup_fraction * total))
+    # Linear warm-up, then cosine decay to zero.
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: min(
+            (s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warmup) / max(1, total - warmup))))
+        ),
+    )
+    gen = torch.Generator().manual_seed(seed)
+    bar = _progress(total, f"{mixer:>9s} d={width:<4d}", progress)
+    start = time.perf_counter()
+    model.train()
+    for _ in range(preset.epochs):
+        order = torch.randperm(len(inputs), generator=gen)
+        for i in range(0, len(inputs), preset.batch_size):
+            idx = order[i : i + preset.batch_size]
+            x, y = inputs[idx].to(device), targets[idx].to(device)
+            loss = F.cross_entropy(model(x).logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    train_seconds = time.perf_counter() - start
+    accuracy, test_loss = evaluate(model, test, batch_size=4 * preset.batch_size, device=device)
+    bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{accuracy:.3f}")
+    bar.close()
+    return dict(
+        mixer=mixer,
+        width=width,
+        lr=lr,
+        accuracy=accuracy,
+        test_loss=test_loss,
+        final_train_loss=float(loss.item()),
+        steps=total,
+        parameters=sum(p.numel() for p in model.parameters()),
+        train_seconds=round(train_seconds, 2),
+        train_tokens_per_second=round(total * preset.batch_size * preset.data.seq_len / train_seconds, 1),
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    model: LM, test: tuple[torch.Tensor, torch.Tensor], *, batch_size: int, device: torch.device
+) -> tuple[float, float]:
+    """Recall accuracy (argmax equals the value, over all answer positions) and mean loss."""
+    model.eval()
+    correct = count = 0
+    loss_sum = 0.0
+    for i in range(0, len(test[0]), batch_size):
+        x, y = test[0][i : i + batch_size].to(device), test[1][i : i + batch_size].to(device)
+        logits = model(x).logits
+        answer = y != IGNORE
+        correct += int((logits.argmax(-1)[answer] == y[answer]).sum())
+        count += int(answer.sum())
+        loss_sum += float(F.cross_entropy(logits[answer], y[answer], reduction="sum"))
+    model.train()
+    return correct / max(count, 1), loss_sum / max(count, 1)
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    """A tqdm bar (the ``mqar`` extra), or a stand-in that prints one line at the end."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _Quiet(desc, enabled)
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=True, dynamic_ncols=True)
+
+
+class _Quiet:
+    """What the trainer needs of a tqdm bar, when tqdm is not installed."""
+
+    def __init__(self, desc: str, enabled: bool):
+        self.desc, self.enabled, self.postfix = desc, enabled, {}
+
+    def update(self, n: int) -> None:
+        """Progress is shown only at the end without tqdm."""
+
+    def set_postfix(self, refresh: bool = True, **values) -> None:
+        self.postfix = values
+
+    def close(self) -> None:
+        if self.enabled:
+            print(self.desc, " ".join(f"{k}={v}" for k, v in self.postfix.items()), flush=True)
+
+
+def run(preset: Preset, *, device: torch.device, seed: int = 0, lr: float | None = None, progress: bool = True) -> dict:
+    """Every mixer at every width of ``preset``: the report (settings, environment, rows)."""
+    train = make_examples(preset.data, preset.train_examples, seed=seed)
+    test = make_examples(preset.data, preset.test_examples, seed=seed + 1)
+    start = time.perf_counter()
+    rows = [
+        train_one(preset, mixer, width, train, test, device=device, seed=seed, lr=lr, progress=progress)
+        for mixer in preset.mixers
+        for width in preset.widths
+    ]
+    return dict(
+        task="mqar",
+        preset=dataclasses.asdict(preset),
+        environment=environment(device),
+        seed=seed,
+        total_seconds=round(time.perf_counter() - start, 1),
+        results=rows,
+    )
+
+
+def environment(device: torch.device) -> dict:
+    """The machine, the versions and the commit, for the JSON."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return dict(
+        device=str(device),
+        card=card,
+        cpu=platform.processor() or platform.machine(),
+        threads=torch.get_num_threads(),
+        python=platform.python_version(),
+        torch=torch.__version__,
+        triton=triton_version,
+        dplr=__version__,
+        commit=commit,
+    )
+
+
+def table(report: dict) -> str:
+    """The accuracy table: one row per mixer, one column per width."""
+    widths = sorted({r["width"] for r in report["results"]})
+    mixers = list(dict.fromkeys(r["mixer"] for r in report["results"]))
+    acc = {(r["mixer"], r["width"]): r["accuracy"] for r in report["results"]}
+    lines = ["| mixer | " + " | ".join(f"d={w}" for w in widths) + " |", "|---" * (len(widths) + 1) + "|"]
+    for m in mixers:
+        cells = (f"{acc[m, w]:.3f}" if (m, w) in acc else "" for w in widths)
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> Path:
+    """Accuracy vs model width, one line per mixer (needs matplotlib, the ``mqar`` extra)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for mixer in dict.fromkeys(r["mixer"] for r in report["results"]):
+        rows = sorted((r for r in report["results"] if r["mixer"] == mixer), key=lambda r: r["width"])
+        ax.plot([r["width"] for r in rows], [r["accuracy"] for r in rows], marker="o", label=mixer)
+    data, env = report["preset"]["data"], report["environment"]
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted({r["width"] for r in report["results"]}), labels=None)
+    ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("model width")
+    ax.set_ylabel("recall accuracy")
+    where = env["card"] or f"CPU ({env['threads']} threads)"
+    ax.set_title(
+        f"MQAR: vocab {data['vocab_size']}, T={data['seq_len']}, {data['num_kv_pairs']} pairs; {where}", fontsize=9
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# python -m dplr mqar
+
+
+def add_subcommand(sub) -> None:
+    """Register ``mqar`` on the parser's subcommands."""
+    p = sub.add_parser("mqar", help="train every mixer on multi-query associative recall; JSON table and plot")
+    p.add_argument("--preset", choices=list(PRESETS), default="cpu", help="default %(default)s")
+    p.add_argument("--mixer", action="append", choices=list(MIXERS), help="repeatable; default the preset's")
+    p.add_argument("--width", action="append", type=int, help="repeatable; default the preset's")
+    p.add_argument("--lr", type=float, help="learning rate (default the preset's)")
+    p.add_argument("--epochs", type=int, help="passes over the training set (default the preset's)")
+    p.add_argument("--train-examples", type=int, help="default the preset's")
+    p.add_argument("--batch-size", type=int, help="default the preset's")
+    p.add_argument("--device", help="default: cuda when available, else cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="JSON path (default benchmarks/results/mqar_<preset>.json); the PNG goes beside it")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_mqar)
+
+
+def cmd_mqar(ns: argparse.Namespace) -> int:
+    preset = PRESETS[ns.preset]
+    changes = dict(
+        mixers=tuple(ns.mixer) if ns.mixer else None,
+        widths=tuple(ns.width) if ns.width else None,
+        epochs=ns.epochs,
+        train_examples=ns.train_examples,
+        batch_size=ns.batch_size,
+    )
+    for name, value in changes.items():
+        if isinstance(value, int) and value < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    preset = dataclasses.replace(preset, **{k: v for k, v in changes.items() if v is not None})
+    device = torch.device(ns.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    report = run(preset, device=device, seed=ns.seed, lr=ns.lr, progress=not ns.no_progress)
+
+    out = Path(ns.out or f"benchmarks/results/mqar_{ns.preset}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"\n{table(report)}\n\n{len(report['results'])} runs in {report['total_seconds']:.0f}s; wrote {out}")
+    try:
+        print(f"wrote {plot(json.loads(out.read_text()), out.with_suffix('.png'))}")
+    except ImportError:
+        print("matplotlib is not installed (pip install 'dplr[mqar]'): no plot")
+    return 0
