@@ -39,13 +39,12 @@ import torch
 CUDA = torch.cuda.is_available()
 if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is first imported
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-if not CUDA:
-    import tests.triton  # noqa: F401  (the interpreter workaround for NumPy >= 2.4)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without an install
 
 import triton  # noqa: E402
 
 from dplr import api, decode  # noqa: E402
+from dplr import triton as triton_path  # noqa: E402
 from dplr.cli import check_one  # noqa: E402
 from dplr.engine import Problem  # noqa: E402
 from dplr.testing import make_inputs, op, reference, rel_err, tensor_names  # noqa: E402
@@ -94,10 +93,11 @@ def _fla_version() -> str | None:
 
 
 def _chunk_backend() -> str:
-    """The backend the chunk ops run on here: Triton when this build has its chunk kernels."""
+    """The backend the chunk ops run on here, forward and backward: Triton when this build has
+    both chunk kernels, else the PyTorch path."""
     if not CUDA:
         return "torch"
-    return "triton" if importlib.util.find_spec("dplr.triton.chunk") is not None else "torch"
+    return "triton" if triton_path.has_backward(64) else "torch"
 
 
 def timer(fn, *, grads: list[torch.Tensor] | None = None) -> float:
@@ -130,6 +130,13 @@ def graph_timer(fn) -> float | None:
         return triton.testing.do_bench(graph.replay, warmup=25, rep=100, return_mode="median")
     except RuntimeError:
         return None
+
+
+_START = time.perf_counter()
+
+
+def progress(what: str) -> None:
+    print(f"[{time.perf_counter() - _START:6.0f} s] {what}", flush=True)
 
 
 def with_backend(backend: str):
@@ -431,7 +438,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{env['card']}: torch {env['torch']}, triton {env['triton']}, fla {env['fla']}, commit {env['commit']}")
     print(f"chunk ops run on: {env['chunk_backend']}")
 
+    progress("correctness: fused_recurrent and chunk ops")
     ops = check_ops(device, cfg["check"])
+    progress("correctness: decode")
     decodes = [*check_decode(device, cfg["check"], state_v_first=False)]
     decodes += check_decode(device, cfg["check"], state_v_first=True)
     print_table("Correctness: fused_recurrent on Triton (and chunk) against the fp64 reference, fp32",
@@ -443,9 +452,12 @@ def main(argv: list[str] | None = None) -> int:
     failed = {r["family"] for r in ops + decodes if not r["ok"]}
     timed = [name for name in TIMED if name not in failed]
 
+    progress("(a) chunk vs recurrent")
     scan = bench_scan(device, cfg["scan"], timed)
+    progress("(b) decode")
     copy_gbps = copy_bandwidth(device)
     decoding = bench_decode(device, cfg["decode"], timed, copy_gbps)
+    progress("(b) decode tile sweep")
     tiles = sweep_decode_tiles(device, cfg["decode"], timed)
 
     print_table("(a) forward + backward, ms: chunk vs recurrent", scan,
