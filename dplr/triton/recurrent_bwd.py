@@ -99,10 +99,8 @@ def recurrent_bwd_kernel(
         for t in range(t0, t1):
             tl.store(p_scr + (t - t0) * BK * BV, h)
             _, b_k, b_v, b_e, b_beta, b_a, b_b = load_token(
-                q, k, v, g, beta, a, b,
-                (t * H + i_h) * K, (t * HV + i_hv) * V, (t * HV + i_hv) * K, t * HV + i_hv,
-                o_k, o_v, mask_k, mask_v, DECAY, LOWRANK, ACC,
-            )  # fmt: skip
+                q, k, v, g, beta, a, b, t, i_h, i_hv, o_k, o_v, mask_k, mask_v, H, HV, K, V, DECAY, LOWRANK, ACC
+            )
             h = step(h, b_k, b_v, b_e, b_beta, b_a, b_b, DECAY, LOWRANK)
             b_do = tl.load(do + (t * HV + i_hv) * V + o_v, mask=mask_v, other=0).to(ACC)
             b_dq = tl.sum(h * b_do[None, :], 1) * scale
@@ -113,10 +111,8 @@ def recurrent_bwd_kernel(
             t = t1 - 1 - j
             h = tl.load(p_scr + (t - t0) * BK * BV)  # P = S_{t-1}
             b_q, b_k, b_v, b_e, b_beta, b_a, b_b = load_token(
-                q, k, v, g, beta, a, b,
-                (t * H + i_h) * K, (t * HV + i_hv) * V, (t * HV + i_hv) * K, t * HV + i_hv,
-                o_k, o_v, mask_k, mask_v, DECAY, LOWRANK, ACC,
-            )  # fmt: skip
+                q, k, v, g, beta, a, b, t, i_h, i_hv, o_k, o_v, mask_k, mask_v, H, HV, K, V, DECAY, LOWRANK, ACC
+            )
             b_do = tl.load(do + (t * HV + i_hv) * V + o_v, mask=mask_v, other=0).to(ACC)
             dh += scale * b_q[:, None] * b_do[None, :]
             key_row = ((r_key * NT + t) * H + i_h) * K + o_k

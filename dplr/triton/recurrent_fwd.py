@@ -34,20 +34,22 @@ CHECKPOINTS, EVERY_TOKEN = tl.constexpr(SAVE_CHECKPOINTS), tl.constexpr(SAVE_EVE
 
 @triton.jit
 def load_token(
-    q, k, v, g, beta, a, b,
-    row_k, row_v, row_g, row_s,
+    q, k, v, g, beta, a, b, t, i_h, i_hv,
     o_k, o_v, mask_k, mask_v,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     DECAY: tl.constexpr, LOWRANK: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
-    """One token's inputs in the compute dtype. ``row_k``: offset of its key-head row in
-    ``[.., H, K]`` tensors; ``row_v``: of its value-head row in ``[.., HV, V]``; ``row_g``: of
-    its channel gate row ``[.., HV, K]``; ``row_s``: of its per-head scalars ``[.., HV]``.
-    Absent inputs come back as 0 (never read by the structure that lacks them)."""
+    """Token ``t``'s inputs for value head ``i_hv`` (key head ``i_h``) in the compute dtype, from
+    contiguous ``[B·T, H, K]`` (q, k, a, b), ``[B·T, HV, V]`` (v), ``[B·T, HV, K]`` or ``[B·T, HV]``
+    (g) and ``[B·T, HV]`` (beta) tensors. Absent inputs come back as 0 (never read by the
+    structure that lacks them); the decay comes back as its factor ``exp(g)``."""
+    row_k = (t * H + i_h) * K
+    row_s = t * HV + i_hv
     b_q = tl.load(q + row_k + o_k, mask=mask_k, other=0).to(ACC)
     b_k = tl.load(k + row_k + o_k, mask=mask_k, other=0).to(ACC)
-    b_v = tl.load(v + row_v + o_v, mask=mask_v, other=0).to(ACC)
+    b_v = tl.load(v + row_s * V + o_v, mask=mask_v, other=0).to(ACC)
     if DECAY == CHANNEL:
-        b_e = tl.exp(tl.load(g + row_g + o_k, mask=mask_k, other=0).to(ACC))
+        b_e = tl.exp(tl.load(g + row_s * K + o_k, mask=mask_k, other=0).to(ACC))
     elif DECAY == SCALAR:
         b_e = tl.exp(tl.load(g + row_s).to(ACC))
     else:
@@ -150,10 +152,8 @@ def recurrent_fwd_kernel(
             if (t - bos) % CK == 0:
                 tl.store(save + (first + (t - bos) // CK) * e_n + p_save, h.to(save.dtype.element_ty), mask=mask_h)
         b_q, b_k, b_v, b_e, b_beta, b_a, b_b = load_token(
-            q, k, v, g, beta, a, b,
-            (t * H + i_h) * K, (t * HV + i_hv) * V, (t * HV + i_hv) * K, t * HV + i_hv,
-            o_k, o_v, mask_k, mask_v, DECAY, LOWRANK, ACC,
-        )  # fmt: skip
+            q, k, v, g, beta, a, b, t, i_h, i_hv, o_k, o_v, mask_k, mask_v, H, HV, K, V, DECAY, LOWRANK, ACC
+        )
         h = step(h, b_k, b_v, b_e, b_beta, b_a, b_b, DECAY, LOWRANK)
         if STORE_O:
             b_o = tl.sum(h * b_q[:, None], 0) * scale
