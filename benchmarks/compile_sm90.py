@@ -20,7 +20,7 @@ from dplr.triton.intra import chunk_prepare_kernel
 from dplr.triton.state import chunk_state_kernel
 
 TARGET = GPUTarget("cuda", 90, 32)
-_BF16 = {"q", "k", "v", "a", "b", "W", "U", "Q_START", "K_END", "B_END", "A_QK", "A_QB", "o"}
+_BF16 = {"q", "k", "v", "a", "b", "X_START", "A_AK", "Q_START", "K_END", "B_END", "A_QK", "A_QB", "o", "g", "beta"}
 _I64 = {"chunk_bos", "seq_bos"}
 _I32 = {"chunk_len", "seq_len", "seq_chunk0"}
 
@@ -56,52 +56,26 @@ def main() -> None:
     ap.add_argument("--K", type=int, default=128)
     ap.add_argument("--V", type=int, default=128)
     ap.add_argument("--C", type=int, default=64)
-    ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    ap.add_argument("--warps-prepare", type=int)
     ns = ap.parse_args()
     import torch
 
     from dplr.triton import configs
 
-    cfg = configs.chunk_forward(
-        K=ns.K, V=ns.V, C=ns.C, dtype=getattr(torch, {"bf16": "bfloat16"}.get(ns.dtype, ns.dtype)), device="cuda"
-    )
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[ns.dtype]
+    cfg = configs.chunk_forward(K=ns.K, V=ns.V, C=ns.C, dtype=dtype, device="cuda")  # the tied pipeline depth
     L = min(16, ns.C)
-    NB = ns.C // L
     for decay, lowrank in [(2, 1), (1, 1), (2, 2), (2, 0), (0, 1)]:
-        prep = dict(
-            H=16,
-            HV=16,
-            K=ns.K,
-            V=ns.V,
-            C=ns.C,
-            L=L,
-            NB=NB,
-            LEVELS=NB.bit_length() - 1,
-            BK=cfg.BK,
-            BV=cfg.BV_prepare,
-            DECAY=decay,
-            LOWRANK=lowrank,
-            PREC=cfg.precision,
-            NS=1,
-        )
-        k1 = compile_kernel(chunk_prepare_kernel, prep, cfg.warps_prepare, ns.dtype)
-        state = dict(
-            HV=16,
-            K=ns.K,
-            V=ns.V,
-            KP=triton.next_power_of_2(ns.K),
-            C=ns.C,
-            BV=cfg.BV_state,
-            DECAY=decay,
-            LOWRANK=lowrank,
-            USE_H0=True,
-            STORE_HT=True,
-            PREC=cfg.precision,
-            NUM_STAGES=cfg.stages_state,
-            NS=cfg.stages_state,
-        )
+        prep = dict(H=16, HV=16, K=ns.K, C=ns.C, L=L, LEVELS=(ns.C // L).bit_length() - 1,
+                    BK=cfg.BK, DECAY=decay, LOWRANK=lowrank,
+                    PREC=cfg.precision, NS=1)  # fmt: skip
+        k1 = compile_kernel(chunk_prepare_kernel, prep, ns.warps_prepare or cfg.warps_prepare, ns.dtype)
+        state = dict(HV=16, K=ns.K, V=ns.V, KP=triton.next_power_of_2(ns.K), C=ns.C, BV=cfg.BV_state, DECAY=decay,
+                     LOWRANK=lowrank, USE_H0=True, STORE_HT=True, PREC=cfg.precision, NUM_STAGES=cfg.stages_state,
+                     NS=cfg.stages_state)  # fmt: skip
         k2 = compile_kernel(chunk_state_kernel, state, cfg.warps_state, ns.dtype)
-        print(f"decay={decay} lowrank={lowrank}: prepare [{usage(k1)}]  state [{usage(k2)}]")
+        print(f"decay={decay} lowrank={lowrank}: prepare [{usage(k1)}]  state [{usage(k2)}]", flush=True)
 
 
 if __name__ == "__main__":

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import torch
 import triton
 
 from ..engine import Problem
-from ..transition import LowRank
+from ..transition import Decay, LowRank
 from . import configs
 from .intra import chunk_prepare_kernel
 from .state import chunk_state_kernel
@@ -58,57 +59,91 @@ def _tokens(x: torch.Tensor | None) -> torch.Tensor | None:
     return None if x is None else x.reshape(-1, *x.shape[2:]).contiguous()
 
 
-def forward(problem: Problem, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+class Prepared(NamedTuple):
+    """What the per-chunk kernel leaves for the state pass (token-major, per value head)."""
+
+    index: ChunkIndex
+    x_start: torch.Tensor
+    M: torch.Tensor
+    A_ak: torch.Tensor
+    q_start: torch.Tensor
+    k_end: torch.Tensor
+    b_end: torch.Tensor
+    A_qk: torch.Tensor
+    A_qb: torch.Tensor
+    decay_end: torch.Tensor
+    G: torch.Tensor  # cumulative channel decays, fp32 (empty without channel decay)
+
+
+def forward(problem: Problem, chunk_size: int, cfg: configs.ChunkForward | None = None):
+    """``(o [B,T,HV,V] in v's dtype, final state [N,HV,K,V] fp32)``."""
     p = problem
     if p.q.dtype == torch.float64:
         raise TypeError("the Triton kernels take fp16, bf16 or fp32 inputs; fp64 runs on the PyTorch path")
+    K, V = p.q.shape[3], p.v.shape[3]
+    lowrank = p.transition.lowrank.value
+    cfg = cfg or configs.chunk_forward(K=K, V=V, C=chunk_size, dtype=p.q.dtype, device=p.q.device, lowrank=lowrank)
+    return state_pass(p, prepare(p, chunk_size, cfg), chunk_size, cfg)
+
+
+def prepare(problem: Problem, chunk_size: int, cfg: configs.ChunkForward) -> Prepared:
+    """Launch 1: every chunk in parallel (stages 1-3)."""
+    p = problem
     B, T, H, K = p.q.shape
-    HV, V = p.v.shape[2], p.v.shape[3]
-    C = chunk_size
-    device = p.q.device
+    HV = p.v.shape[2]
+    C, device = chunk_size, p.q.device
     cu = None if p.cu_seqlens is None else tuple(p.cu_seqlens)
     index = chunk_index(B, T, cu, C, device)
-    structure = constexprs(p.transition)
     lowrank = p.transition.lowrank
-    cfg = configs.chunk_forward(K=K, V=V, C=C, dtype=p.q.dtype, device=device)
-
-    q, k, v, g, beta, a, b = (_tokens(x) for x in (p.q, p.k, p.v, p.g, p.beta, p.a, p.b))
-    BT = B * T
+    q, k, g, beta, a, b = (_tokens(x) for x in (p.q, p.k, p.g, p.beta, p.a, p.b))
     store = p.q.dtype  # intermediates in the input precision, as the tensor cores read them
 
-    def scratch(width: int, used: bool = True) -> torch.Tensor:
-        return torch.empty(BT if used else 0, HV, width, device=device, dtype=store)
+    def scratch(width: int, used: bool = True, dtype: torch.dtype = store) -> torch.Tensor:
+        return torch.empty(B * T if used else 0, HV, width, device=device, dtype=dtype)
 
-    has_rank = lowrank is not LowRank.NONE
-    general = lowrank is LowRank.GENERAL
-    W, U = scratch(K, has_rank), scratch(V, has_rank)
-    q_start, k_end, b_end = scratch(K), scratch(K), scratch(K, general)
-    A_qk, A_qb = scratch(C), scratch(C, general)
-    decay_end = torch.empty(index.num_chunks, HV, K, device=device, dtype=torch.float32)
-    dummy = q  # an unused pointer argument still needs a tensor
-
+    has_rank, general = lowrank is not LowRank.NONE, lowrank is LowRank.GENERAL
+    out = Prepared(
+        index=index, x_start=scratch(K, has_rank), M=scratch(C, has_rank, torch.float32), A_ak=scratch(C, general),
+        q_start=scratch(K), k_end=scratch(K),
+        b_end=scratch(K, general), A_qk=scratch(C), A_qb=scratch(C, general),
+        decay_end=torch.empty(index.num_chunks, HV, K, device=device, dtype=torch.float32),
+        G=torch.empty(B * T if p.transition.decay is Decay.CHANNEL else 0, HV, K, device=device, dtype=torch.float32),
+    )  # fmt: skip
     L = min(16, C)
-    NB = C // L
+    # The solve reads its matrix back by rows (L2-resident: written and read by one program).
+    scratch_solve = torch.empty(
+        index.num_chunks * HV * 2 * C * C if has_rank else 0, device=device, dtype=torch.float32
+    )
     if index.num_chunks:
+        dummy = q  # an unused pointer argument still needs a tensor
         chunk_prepare_kernel[(index.num_chunks, HV)](
-            q, k, v, dummy if g is None else g, dummy if beta is None else beta,
+            q, k, dummy if g is None else g, dummy if beta is None else beta,
             dummy if a is None else a, dummy if b is None else b,
-            W, U, q_start, k_end, b_end, A_qk, A_qb, decay_end,
-            index.chunk_bos, index.chunk_len,
-            H=H, HV=HV, K=K, V=V, C=C, L=L, NB=NB, LEVELS=int(math.log2(NB)), BK=cfg.BK, BV=cfg.BV_prepare,
-            PREC=cfg.precision, num_warps=cfg.warps_prepare, num_stages=1, **structure,
+            out.x_start, out.M, out.A_ak, out.q_start, out.k_end, out.b_end, out.A_qk, out.A_qb,
+            out.decay_end, out.G, scratch_solve, index.chunk_bos, index.chunk_len,
+            H=H, HV=HV, K=K, C=C, L=L, LEVELS=int(math.log2(C // L)), BK=cfg.BK,
+            PREC=cfg.precision, num_warps=cfg.warps_prepare, num_stages=1, **constexprs(p.transition),
         )  # fmt: skip
+    return out
 
+
+def state_pass(problem: Problem, prep: Prepared, chunk_size: int, cfg: configs.ChunkForward):
+    """Launch 2: every sequence, value head and value block in parallel (stages 4-5)."""
+    p = problem
+    B, T, _, K = p.q.shape
+    HV, V = p.v.shape[2], p.v.shape[3]
+    index, device = prep.index, p.q.device
     o = torch.empty(B, T, HV, V, device=device, dtype=p.v.dtype)
     final = torch.empty(index.num_seqs, HV, K, V, device=device, dtype=torch.float32)
     h0 = None if p.initial_state is None else p.initial_state.to(torch.float32).contiguous()
     if index.num_seqs:
         grid = (index.num_seqs, HV, triton.cdiv(V, cfg.BV_state))
         chunk_state_kernel[grid](
-            W, U, q_start, k_end, b_end, A_qk, A_qb, decay_end, v, o, final if h0 is None else h0, final,
+            prep.x_start, prep.M, prep.A_ak, prep.q_start, prep.k_end, prep.b_end, prep.A_qk, prep.A_qb, prep.decay_end,
+            _tokens(p.v), o, final if h0 is None else h0, final,
             index.seq_bos, index.seq_len, index.seq_chunk0, p.scale,
-            HV=HV, K=K, V=V, KP=triton.next_power_of_2(K), C=C, BV=cfg.BV_state,
+            HV=HV, K=K, V=V, KP=triton.next_power_of_2(K), C=chunk_size, BV=cfg.BV_state,
             USE_H0=h0 is not None, STORE_HT=True, PREC=cfg.precision, NUM_STAGES=cfg.stages_state,
-            num_warps=cfg.warps_state, **structure,
+            num_warps=cfg.warps_state, **constexprs(p.transition),
         )  # fmt: skip
     return o, final

@@ -16,7 +16,6 @@ import triton
 @dataclass(frozen=True)
 class ChunkForward:
     BK: int  # channel slice of the per-chunk kernel
-    BV_prepare: int  # value slice of the per-chunk kernel
     BV_state: int  # value columns per state-pass program
     warps_prepare: int
     warps_state: int
@@ -32,15 +31,37 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def chunk_forward(*, K: int, V: int, C: int, dtype: torch.dtype, device: torch.device) -> ChunkForward:
+# Shared memory a pipelined state pass may fill: Hopper's 227 KiB per block.
+SHARED_BUDGET = 232448
+
+
+def _state_stages(*, lowrank: str, C: int, KP: int, BV: int, itemsize: int) -> int:
+    """Pipeline depth of the state pass: as deep as 3 while the tiles of one chunk fit
+    (H200: 0.23 ms with 3 stages against 0.35 ms with 2 at (4, 8192, 16, 128), GDN)."""
+    tiles = 2 * C * KP * itemsize + C * C * itemsize + C * BV * itemsize  # q_start, k_end, A_qk, v
+    if lowrank != "none":
+        tiles += C * KP * itemsize + C * C * 4  # x_start, the solve M (fp32)
+    if lowrank == "general":
+        tiles += C * KP * itemsize + 2 * C * C * itemsize  # b_end, A_ak, A_qb
+    # The dot operands take staging space beside the pipelined loads (seen: 262 KiB for the
+    # general form at 2 stages, K = V = 128), hence the factor.
+    return max(1, min(3, SHARED_BUDGET // (tiles * 5 // 4)))
+
+
+def chunk_forward(
+    *, K: int, V: int, C: int, dtype: torch.dtype, device: torch.device, lowrank: str = "tied"
+) -> ChunkForward:
     KP, VP = triton.next_power_of_2(K), triton.next_power_of_2(V)
     BV_state = max(16, min(64, VP, STATE_REGISTER_BUDGET // KP))
     return ChunkForward(
         BK=max(16, min(64, KP)),
-        BV_prepare=max(16, min(64, VP)),
         BV_state=BV_state,
-        warps_prepare=8 if C >= 64 else 4,
+        # H200, (4, 8192, 16, 128): 4 warps beat 8 by 1.3-2x unless the general form's five
+        # C x C matrices need the registers of 8 (4.0 ms against 5.7 ms).
+        warps_prepare=8 if lowrank == "general" and C >= 64 else 4,
         warps_state=4,
-        stages_state=1 if interpreting() else 2,
+        stages_state=1
+        if interpreting()
+        else _state_stages(lowrank=lowrank, C=C, KP=KP, BV=BV_state, itemsize=dtype.itemsize),
         precision="ieee" if dtype == torch.float32 else "tf32",
     )

@@ -9,11 +9,15 @@ The math is that of :mod:`dplr.torch_chunk` (see its stage files):
   diagonal blocks. Blocks merge pairwise level by level at ``c``, the decay at the end of the
   upper half: ``exp(Gx_i - c) · exp(c - G_j)``, both ``<= 1``. A slice of channels whose
   blocks decay faster than ``HALF_LIMIT`` per half takes the exact element-wise product.
-* tied: ``M = (I + diag(beta) A_kk)⁻¹``, ``W = -M (beta ⊙ k ⊙ exp(G))``, ``U = M (beta ⊙ v)``;
-  general: ``M = (I - A_ab)⁻¹``, ``W = M (a ⊙ exp(G_prev))``, ``U = M (A_ak v)``; then the
-  pseudo-values are ``P = U + W S`` for the chunk's initial state ``S``.
-* the inverse: the diagonal blocks by forward substitution (row by row, exact), then
-  ``M ← M - M (N ⊙ off) M`` doubling the block size up to ``C``.
+* tied: ``M = (I + diag(beta) A_kk)⁻¹ diag(beta)``; general: ``M = (I - A_ab)⁻¹``. The state
+  pass forms the pseudo-values from them and the chunk's initial state ``S``:
+  ``P = M (v - (k ⊙ exp(G)) S)`` (tied), ``P = M ((a ⊙ exp(G_prev)) S + A_ak v)`` (general).
+* the inverse: forward substitution inside the ``L``-blocks (exact), then
+  ``M ← M - M (N ⊙ off) M``, doubling the block size up to ``C`` (the block formula for
+  ``[[A, 0], [N', D]]⁻¹``) on the tensor cores.
+
+The cumulative decays of a channel slice go to a scratch buffer ``G`` (fp32), from which each
+row gathers its reference points by pointer: no register shuffles between layouts.
 
 Channels are processed in slices of ``BK`` (any ``K`` up to 256, no unrolled blocks).
 """
@@ -27,26 +31,6 @@ from ..torch_chunk.intra import HALF_LIMIT
 from .structure import DECAY_CHANNEL, DECAY_NONE, DECAY_SCALAR, LOWRANK_GENERAL, LOWRANK_NONE, LOWRANK_TIED
 
 LIMIT = tl.constexpr(HALF_LIMIT)
-
-
-@triton.jit
-def _rows_of(v, NB: tl.constexpr, L: tl.constexpr, BK: tl.constexpr):
-    """Per-block values ``[NB, BK]`` repeated on each of the block's ``L`` rows → ``[NB·L, BK]``."""
-    return tl.reshape(tl.broadcast_to(v[:, None, :], (NB, L, BK)), (NB * L, BK))
-
-
-@triton.jit
-def _at_row(G, r: tl.constexpr, NB: tl.constexpr, L: tl.constexpr, BK: tl.constexpr):
-    """Row ``r`` of every block of ``G [NB·L, BK]`` → ``[NB, BK]``."""
-    rows = tl.arange(0, L)
-    return tl.sum(tl.where((rows == r)[None, :, None], tl.reshape(G, (NB, L, BK)), 0.0), axis=1)
-
-
-@triton.jit
-def _pick_blocks(e, src, NB: tl.constexpr):
-    """``out[p] = e[src[p]]`` for ``e [NB, BK]``; ``src < 0`` gives 0."""
-    blocks = tl.arange(0, NB)
-    return tl.sum(tl.where((blocks[None, :] == src[:, None])[:, :, None], e[None, :, :], 0.0), axis=1)
 
 
 @triton.jit
@@ -65,26 +49,31 @@ def _load_rows(ptr, row0, rows, valid, stride, cols, ncols):
 @triton.jit
 def _store_rows(ptr, value, row0, rows, valid, stride, cols, ncols):
     mask = valid[:, None] & (cols < ncols)[None, :]
-    tl.store(
-        ptr + (row0 + rows)[:, None].to(tl.int64) * stride + cols[None, :], value.to(ptr.dtype.element_ty), mask=mask
-    )
+    offsets = (row0 + rows)[:, None].to(tl.int64) * stride + cols[None, :]
+    tl.store(ptr + offsets, value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gather_G(G_ptr, row0, ref, n, stride, cols, ncols):
+    """``G`` at row ``ref[i]`` of the chunk for every row ``i`` (``[C, BK]``). Rows past the
+    chunk's end read its last row (padding has no decay); ``ref < 0`` reads 0 (before the chunk)."""
+    ref = tl.minimum(ref, n - 1)
+    return _load_rows(G_ptr, row0, ref, ref >= 0, stride, cols, ncols)
 
 
 @triton.jit
 def _channel_slice(
-    q, k, a, b, g, A_qk, A_kk, A_ab, A_ak, A_qb,
-    C: tl.constexpr, L: tl.constexpr, NB: tl.constexpr, LEVELS: tl.constexpr, BK: tl.constexpr,
-    LOWRANK: tl.constexpr, PREC: tl.constexpr,
+    q, k, a, b, g, G, G_ptr, row0, n, A_qk, A_kk, A_ab, A_ak, A_qb, stride, cols, ncols,
+    C: tl.constexpr, L: tl.constexpr, LEVELS: tl.constexpr, LOWRANK: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    """Add one channel slice's share of the intra-chunk matrices (channel decay);
-    ``NB = C / L`` blocks, ``LEVELS = log2(NB)`` merges."""
+    """Add one channel slice's share of the intra-chunk matrices (channel decay). ``G`` is the
+    slice's cumulative decay, also stored at ``G_ptr`` for the gathers; blocks of ``L`` rows,
+    ``LEVELS = log2(C / L)`` merges."""
     i = tl.arange(0, C)
-    G = tl.cumsum(g, axis=0)
     Gp = G - g  # G_{i-1}: the rank-one rows read the state before this token's decay
-    e = _at_row(G, L - 1, NB, L, BK)  # decay at each block's end             [NB, BK]
-    s = _pick_blocks(e, tl.arange(0, NB) - 1, NB)  # ... and just before it (0 for block 0)
-    m = _at_row(G, L // 2 - 1, NB, L, BK)  # the reference point inside the block
-    unsafe = tl.max(tl.maximum(s - m, m - e)) > LIMIT
+    start = (i // L) * L
+    mid = _gather_G(G_ptr, row0, start + L // 2 - 1, n, stride, cols, ncols)  # m_p, on every row of block p
+    unsafe = tl.max(tl.maximum(Gp - mid, mid - G)) > LIMIT
     same_block = (i[:, None] // L) == (i[None, :] // L)
     incl = same_block & (i[:, None] >= i[None, :])
     strict = same_block & (i[:, None] > i[None, :])
@@ -109,29 +98,26 @@ def _channel_slice(
                 A_ak = tl.where(col, A_ak + tl.sum(a * kj[None, :] * ex_p, axis=1)[:, None], A_ak)
                 A_qb = tl.where(col, A_qb + tl.sum(q * bj[None, :] * ex, axis=1)[:, None], A_qb)
     else:
-        M_row = _rows_of(m, NB, L, BK)
         # Clamped so that the unused upper triangle stays finite; inside the kept lower
         # triangle the exponents are within ±LIMIT already.
-        x_mid = tl.exp(tl.minimum(G - M_row, LIMIT))
-        y_mid = tl.exp(tl.minimum(M_row - G, LIMIT))
+        x_mid = tl.exp(tl.minimum(G - mid, LIMIT))
+        y_mid = tl.exp(tl.minimum(mid - G, LIMIT))
         k_col = k * y_mid
         A_qk += tl.where(incl, _dot_t(q * x_mid, k_col, PREC), 0.0)
         if LOWRANK == LOWRANK_TIED:
             A_kk += tl.where(strict, _dot_t(k * x_mid, k_col, PREC), 0.0)
         if LOWRANK == LOWRANK_GENERAL:
-            a_row = a * tl.exp(tl.minimum(Gp - M_row, LIMIT))
+            a_row = a * tl.exp(tl.minimum(Gp - mid, LIMIT))
             b_col = b * y_mid
             A_ab += tl.where(strict, _dot_t(a_row, b_col, PREC), 0.0)
             A_ak += tl.where(strict, _dot_t(a_row, k_col, PREC), 0.0)
             A_qb += tl.where(incl, _dot_t(q * x_mid, b_col, PREC), 0.0)
 
     # Between blocks: merge pairs level by level; the lower half's rows meet the upper half's
-    # columns at c, the decay at the upper half's end.
+    # columns at c, the decay at the upper half's end. Every exponent is <= 0.
     for level in tl.static_range(LEVELS):
         half = C >> (level + 1)
-        per_half = half // L
-        p = tl.arange(0, NB)
-        c = _rows_of(_pick_blocks(e, (p // (2 * per_half)) * (2 * per_half) + per_half - 1, NB), NB, L, BK)
+        c = _gather_G(G_ptr, row0, (i // (2 * half)) * (2 * half) + half - 1, n, stride, cols, ncols)
         lower = ((i % (2 * half)) >= half)[:, None]
         x_f = tl.exp(tl.where(lower, G - c, float("-inf")))
         y_f = tl.exp(tl.where(lower, float("-inf"), c - G))
@@ -151,25 +137,27 @@ def _channel_slice(
 
 
 @triton.jit
-def _unit_lower_inverse(
-    N, C: tl.constexpr, L: tl.constexpr, NB: tl.constexpr, LEVELS: tl.constexpr, PREC: tl.constexpr
-):
-    """``(I + N)⁻¹`` for a strictly lower ``N [C, C]`` (fp32): forward substitution inside the
-    ``L``-blocks (exact, all blocks at once), then ``M ← M - M (N ⊙ off) M`` per level."""
+def _unit_lower_inverse(N, scratch, C: tl.constexpr, L: tl.constexpr, LEVELS: tl.constexpr, PREC: tl.constexpr):
+    """``(I + N)⁻¹`` for a strictly lower ``N [C, C]`` (fp32). The ``L × L`` diagonal blocks by
+    forward substitution, all blocks at once, reading rows of ``N`` back from ``scratch``
+    (``2 C²`` fp32 of this program); then ``M ← M - M (N ⊙ off) M``, doubling the block size."""
     i = tl.arange(0, C)
+    NB: tl.constexpr = C // L
+    first = tl.arange(0, NB)[:, None] * L  # each block's first row, [NB, 1]
+    blk = first[:, :, None]
     r = tl.arange(0, L)
-    blk = tl.arange(0, NB)
-    same_block = (i[:, None] // L) == (i[None, :] // L)
-    # Each row's own diagonal block: [C, L] → [NB, L, L].
-    own = tl.sum(tl.where(blk[None, :, None] == (i // L)[:, None, None], tl.reshape(N, (C, NB, L)), 0.0), axis=1)
-    Nb = tl.reshape(own, (NB, L, L))
-    Mb = tl.where((r[:, None] == r[None, :])[None, :, :], 1.0, 0.0) + tl.zeros((NB, L, L), dtype=tl.float32)
+    tl.store(scratch + i[:, None] * C + i[None, :], N)
+    tl.debug_barrier()
+    Mb = tl.where((r[:, None] == r[None, :])[None, :, :], 1.0, 0.0) + tl.zeros((NB, L, L), tl.float32)
     for row in tl.static_range(1, L):
-        n_row = tl.sum(tl.where((r == row)[None, :, None], Nb, 0.0), axis=1)  # [NB, L]
+        n_row = tl.load(scratch + (first + row) * C + first + r[None, :])  # [NB, L]: row `row` of each block
         update = -tl.sum(n_row[:, :, None] * Mb, axis=1)  # -Σ_k N[row, k] M[k, :]
         Mb = tl.where((r == row)[None, :, None], Mb + update[:, None, :], Mb)
-    wide = tl.reshape(Mb, (C, L))
-    M = tl.where(same_block, tl.reshape(tl.broadcast_to(wide[:, None, :], (C, NB, L)), (C, C)), 0.0)
+    diag = scratch + C * C
+    tl.store(diag + (blk + r[None, :, None]) * C + blk + r[None, None, :], Mb)
+    tl.debug_barrier()
+    same_block = (i[:, None] // L) == (i[None, :] // L)
+    M = tl.load(diag + i[:, None] * C + i[None, :], mask=same_block, other=0.0)
     for level in tl.static_range(LEVELS):
         half = L << level
         meet = ((i[:, None] // (2 * half)) == (i[None, :] // (2 * half))) & ((i[:, None] % (2 * half)) >= half)
@@ -180,17 +168,19 @@ def _unit_lower_inverse(
 
 @triton.jit
 def chunk_prepare_kernel(
-    q, k, v, g, beta, a, b,
-    W, U, Q_START, K_END, B_END, A_QK, A_QB, DECAY_END,
+    q, k, g, beta, a, b,
+    X_START, M_SOLVE, A_AK, Q_START, K_END, B_END, A_QK, A_QB, DECAY_END, G_CUM, SCRATCH,
     chunk_bos, chunk_len,
-    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    C: tl.constexpr, L: tl.constexpr, NB: tl.constexpr, LEVELS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr,
+    C: tl.constexpr, L: tl.constexpr, LEVELS: tl.constexpr, BK: tl.constexpr,
     DECAY: tl.constexpr, LOWRANK: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    """One (chunk, value head). Inputs token-major: ``q, k, a, b [BT, H, K]``, ``v [BT, HV, V]``,
+    """One (chunk, value head). Inputs token-major: ``q, k, a, b [BT, H, K]``,
     ``g [BT, HV, K]`` or ``[BT, HV]``, ``beta [BT, HV]``. Outputs token-major per value head:
-    ``W, Q_START, K_END, B_END [BT, HV, K]``, ``U [BT, HV, V]``, ``A_QK, A_QB [BT, HV, C]`` (row i
-    of the chunk's matrix at token i), and ``DECAY_END [NT, HV, K] = exp(G_C)``."""
+    ``X_START, Q_START, K_END, B_END [BT, HV, K]`` (the rank-one rows as they read the chunk's
+    initial state, ...), ``A_QK, A_QB, A_AK [BT, HV, C]`` and the solve ``M_SOLVE [BT, HV, C]``
+    fp32 (row i of the chunk's matrix at token i), ``DECAY_END [NT, HV, K] = exp(G_C)`` and (channel decay)
+    the cumulative decays ``G_CUM [BT, HV, K]`` fp32; ``SCRATCH [NT, HV, 2, C, C]`` fp32 serves the solve."""
     cid = tl.program_id(0)
     hv = tl.program_id(1)
     h = hv // (HV // H)
@@ -222,10 +212,13 @@ def chunk_prepare_kernel(
             b_t = _load_rows(b + h * K, bos, i, valid, H * K, cols, K).to(tl.float32)
         if DECAY == DECAY_CHANNEL:
             g_t = _load_rows(g + hv * K, bos, i, valid, HV * K, cols, K).to(tl.float32)
-            A_qk, A_kk, A_ab, A_ak, A_qb = _channel_slice(
-                q_t, k_t, a_t, b_t, g_t, A_qk, A_kk, A_ab, A_ak, A_qb, C, L, NB, LEVELS, BK, LOWRANK, PREC
-            )
             G = tl.cumsum(g_t, axis=0)
+            _store_rows(G_CUM + hv * K, G, bos, i, valid, HV * K, cols, K)
+            tl.debug_barrier()  # the gathers below read rows other threads stored
+            A_qk, A_kk, A_ab, A_ak, A_qb = _channel_slice(
+                q_t, k_t, a_t, b_t, g_t, G, G_CUM + hv * K, bos, n, A_qk, A_kk, A_ab, A_ak, A_qb,
+                HV * K, cols, K, C, L, LEVELS, LOWRANK, PREC,
+            )  # fmt: skip
             G_end = tl.sum(tl.where((i == C - 1)[:, None], G, 0.0), axis=0)  # not sum(g): see Gs_end
             start = tl.exp(G)
             to_end = tl.exp(G_end[None, :] - G)
@@ -248,8 +241,18 @@ def chunk_prepare_kernel(
                 )
         _store_rows(Q_START + hv * K, q_t * start, bos, i, valid, HV * K, cols, K)
         _store_rows(K_END + hv * K, k_t * to_end, bos, i, valid, HV * K, cols, K)
+        if LOWRANK == LOWRANK_TIED:
+            _store_rows(X_START + hv * K, k_t * start, bos, i, valid, HV * K, cols, K)
         if LOWRANK == LOWRANK_GENERAL:
             _store_rows(B_END + hv * K, b_t * to_end, bos, i, valid, HV * K, cols, K)
+            # a reads the state before its own token's decay: exp(G_{i-1})
+            if DECAY == DECAY_CHANNEL:
+                a_start = a_t * tl.exp(G - g_t)
+            elif DECAY == DECAY_SCALAR:
+                a_start = a_t * tl.exp(Gs - gs)[:, None]
+            else:
+                a_start = a_t
+            _store_rows(X_START + hv * K, a_start, bos, i, valid, HV * K, cols, K)
 
     if DECAY == DECAY_SCALAR:
         # One decay per token: the pairwise factors form a C x C matrix, exp(G_i - G_j) <= 1.
@@ -271,38 +274,15 @@ def chunk_prepare_kernel(
         _store_rows(A_QB + hv * C, A_qb, bos, i, valid, HV * C, i, C)
 
     if LOWRANK != LOWRANK_NONE:
+        # The state pass forms P = M (beta ⊙ (v - X S)) (tied) or M (X S + A_ak v) (general).
         if LOWRANK == LOWRANK_TIED:
             beta_t = tl.load(beta + (bos + i) * HV + hv, mask=valid, other=0.0).to(tl.float32)
-            M = _unit_lower_inverse(beta_t[:, None] * A_kk, C, L, NB, LEVELS, PREC)
+            N = beta_t[:, None] * A_kk
         else:
-            M = _unit_lower_inverse(-A_ab, C, L, NB, LEVELS, PREC)
-        for k0 in range(0, K, BK):
-            cols = k0 + tl.arange(0, BK)
-            if LOWRANK == LOWRANK_TIED:
-                x_t = _load_rows(k + h * K, bos, i, valid, H * K, cols, K).to(tl.float32) * beta_t[:, None]
-            else:
-                x_t = _load_rows(a + h * K, bos, i, valid, H * K, cols, K).to(tl.float32)
-            # tied rows read exp(G_i) (k after the decay), general rows exp(G_{i-1}) (a before it)
-            if DECAY == DECAY_CHANNEL:
-                g_t = _load_rows(g + hv * K, bos, i, valid, HV * K, cols, K).to(tl.float32)
-                G = tl.cumsum(g_t, axis=0)
-                if LOWRANK == LOWRANK_GENERAL:
-                    G = G - g_t
-                x_t = x_t * tl.exp(G)
-            if DECAY == DECAY_SCALAR:
-                Gx = Gs
-                if LOWRANK == LOWRANK_GENERAL:
-                    Gx = Gs - gs
-                x_t = x_t * tl.exp(Gx)[:, None]
-            w = tl.dot(M, x_t, input_precision=PREC)
-            if LOWRANK == LOWRANK_TIED:
-                w = -w
-            _store_rows(W + hv * K, w, bos, i, valid, HV * K, cols, K)
-        for v0 in range(0, V, BV):
-            cols = v0 + tl.arange(0, BV)
-            v_t = _load_rows(v + hv * V, bos, i, valid, HV * V, cols, V).to(tl.float32)
-            if LOWRANK == LOWRANK_TIED:
-                rhs = v_t * beta_t[:, None]
-            else:
-                rhs = tl.dot(A_ak, v_t, input_precision=PREC)
-            _store_rows(U + hv * V, tl.dot(M, rhs, input_precision=PREC), bos, i, valid, HV * V, cols, V)
+            N = -A_ab
+            _store_rows(A_AK + hv * C, A_ak, bos, i, valid, HV * C, i, C)
+        scratch = SCRATCH + (cid * HV + hv).to(tl.int64) * (2 * C * C)
+        M = _unit_lower_inverse(N, scratch, C, L, LEVELS, PREC)
+        if LOWRANK == LOWRANK_TIED:
+            M = M * beta_t[None, :]  # M diag(beta)
+        _store_rows(M_SOLVE + hv * C, M, bos, i, valid, HV * C, i, C)

@@ -2,9 +2,10 @@
 output computed from the state it starts with (one program per sequence, value head and block
 of value columns; the state ``[K, BV]`` stays in registers, in fp32, for the whole sequence).
 
-Per chunk, with ``W, U, K_END, ...`` from :mod:`dplr.triton.intra`:
+Per chunk, with ``X_START, M_SOLVE, K_END, ...`` from :mod:`dplr.triton.intra`:
 
-* ``P = U + W S`` (the pseudo-values of a rank-one part);
+* the pseudo-values of a rank-one part: tied ``P = M diag(beta) (v - X S)`` with ``X = k ⊙ exp(G)``,
+  general ``P = M (X S + A_ak v)`` with ``X = a ⊙ exp(G_prev)``;
 * ``O = scale · (Q_START S + A_qk (P | v) [+ A_qb P])``;
 * ``S ← exp(G_C) ⊙ S + K_ENDᵀ (P | v) [+ B_ENDᵀ P]``.
 
@@ -29,7 +30,7 @@ def _mm(x, y, PREC: tl.constexpr):
 
 @triton.jit
 def chunk_state_kernel(
-    W, U, Q_START, K_END, B_END, A_QK, A_QB, DECAY_END, v, o, h0, ht,
+    X_START, M_SOLVE, A_AK, Q_START, K_END, B_END, A_QK, A_QB, DECAY_END, v, o, h0, ht,
     seq_bos, seq_len, seq_chunk0, scale,
     HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, KP: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
     DECAY: tl.constexpr, LOWRANK: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr,
@@ -59,12 +60,16 @@ def chunk_state_kernel(
         q_start = _load_rows(Q_START + hv * K, row0, i, valid, HV * K, kk, K)
         k_end = _load_rows(K_END + hv * K, row0, i, valid, HV * K, kk, K)
         A_qk = _load_rows(A_QK + hv * C, row0, i, valid, HV * C, i, C)
-        if LOWRANK != LOWRANK_TIED:
-            v_c = _load_rows(v + hv * V, row0, i, valid, HV * V, vcols, V)
+        v_c = _load_rows(v + hv * V, row0, i, valid, HV * V, vcols, V)
         if LOWRANK != LOWRANK_NONE:
-            w_c = _load_rows(W + hv * K, row0, i, valid, HV * K, kk, K)
-            u_c = _load_rows(U + hv * V, row0, i, valid, HV * V, vcols, V).to(tl.float32)
-            P = u_c + _mm(w_c, S, PREC)
+            x_c = _load_rows(X_START + hv * K, row0, i, valid, HV * K, kk, K)
+            m_c = _load_rows(M_SOLVE + hv * C, row0, i, valid, HV * C, i, C)
+            if LOWRANK == LOWRANK_TIED:
+                R = v_c.to(tl.float32) - _mm(x_c, S, PREC)
+            else:
+                a_ak = _load_rows(A_AK + hv * C, row0, i, valid, HV * C, i, C)
+                R = _mm(x_c, S, PREC) + _mm(a_ak, v_c, PREC)
+            P = tl.dot(m_c, R, input_precision=PREC)  # the solve stays fp32 (tf32 at most)
 
         out = _mm(q_start, S, PREC)
         if LOWRANK == LOWRANK_TIED:
