@@ -316,19 +316,19 @@ def _fla_decode(name: str, args: dict, pool, slots, state_bytes: int) -> dict:
     """fla-core's fused recurrent op on the same token inputs, the slots' states as its initial
     state and a new final state (the same bytes read and written); also its in-place pool
     variant for KDA. Checks that fla and dplr agree."""
-    if not CUDA or _fla_version() is None:
+    if _fla_version() is None:
         return {}
-    if name == "kda":
-        from fla.ops.kda import fused_recurrent_kda as fla_op
-        from fla.ops.kda.fused_recurrent import fused_recurrent_kda_fwd as fla_pool_op
-    else:
-        from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule as fla_op
-
-        fla_pool_op = None
     h0 = pool[slots].contiguous()
     tokens = dict(q=args["q"], k=args["k"], v=args["v"], g=args["g"], beta=args["beta"])
     result = {}
     try:
+        if name == "kda":
+            from fla.ops.kda import fused_recurrent_kda as fla_op
+            from fla.ops.kda.fused_recurrent import fused_recurrent_kda_fwd as fla_pool_op
+        else:
+            from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule as fla_op
+
+            fla_pool_op = None
         o_fla, ht_fla = fla_op(**tokens, initial_state=h0, output_final_state=True)
         check_pool = pool.clone()
         o_dplr = _decode(name, args, check_pool, slots).output
