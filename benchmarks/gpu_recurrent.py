@@ -14,7 +14,9 @@
    state: latency and effective bandwidth (state bytes read + written / time) against the
    card's device-copy bandwidth, with fla-core's ``fused_recurrent_kda`` /
    ``fused_recurrent_gated_delta_rule`` on the same inputs in the same process (when fla
-   imports), plus a sweep of the decode tile.
+   imports).
+4. A sweep of the tiles (dplr.triton.recurrent.TILES) of the decode step and of the recurrent
+   forward + backward, to check or retune the defaults.
 
 Writes ``benchmarks/results/gpu_recurrent_<card>.json`` (card, versions, commit, every number)
 and prints the tables. Exit status 1 when a check fails.
@@ -31,6 +33,7 @@ import re
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -46,7 +49,6 @@ import triton  # noqa: E402
 from dplr import api, decode  # noqa: E402
 from dplr import triton as triton_path  # noqa: E402
 from dplr.cli import check_one  # noqa: E402
-from dplr.engine import Problem  # noqa: E402
 from dplr.testing import make_inputs, op, reference, rel_err, tensor_names  # noqa: E402
 from dplr.transition import FAMILIES  # noqa: E402
 from dplr.triton import recurrent  # noqa: E402
@@ -349,33 +351,58 @@ def _fla_decode(name: str, args: dict, pool, slots, state_bytes: int) -> dict:
     return result
 
 
-def sweep_decode_tiles(device: torch.device, cfg: dict, families: list[str]) -> list[dict]:
-    """The decode kernel alone (no front-end) at the largest N, over tile widths and warps."""
+@contextmanager
+def tile_setting(**kinds: tuple[int, int]):
+    """Temporarily replace entries of :data:`dplr.triton.recurrent.TILES` (the tuning data)."""
+    saved = dict(recurrent.TILES)
+    recurrent.TILES.update(kinds)
+    try:
+        yield
+    finally:
+        recurrent.TILES.clear()
+        recurrent.TILES.update(saved)
+
+
+def sweep_tiles(device: torch.device, cfg: dict, families: list[str]) -> list[dict]:
+    """The tile of each kernel kind, swept: the decode step at the largest N, and the recurrent
+    forward + backward at one length. Rows name the effective split (BK, BV, warps)."""
     rows = []
-    P, H, K, N = cfg["P"], cfg["H"], cfg["K"], max(cfg["N"])
+    P, H, K, N = cfg["decode"]["P"], cfg["decode"]["H"], cfg["decode"]["K"], max(cfg["decode"]["N"])
+    choices = [(e, w) for e in (1024, 2048, 4096, 8192) for w in (1, 2, 4, 8)] if CUDA else [(1024, 1), (4096, 4)]
     for name in families:
-        args = decode_inputs(name, N, cfg, device)
-        problem = Problem(
-            transition=FAMILIES[name].transition, q=args["q"], k=args["k"], v=args["v"], g=args["g"],
-            beta=args["beta"], a=None, b=None, scale=K**-0.5, initial_state=None, cu_seqlens=None,
-        )  # fmt: skip
+        args = decode_inputs(name, N, cfg["decode"], device)
         pool = torch.randn(P, H, K, K, device=device)
         slots = torch.randperm(P, device=device)[:N]
-        default = recurrent.tiles(K, K, "decode")
-        for BV in (8, 16, 32, 64):
-            for warps in (1, 2, 4, 8):
-                tile = recurrent.Tiles(BK=default.BK, BV=BV, num_warps=warps)
-                ms = timer(
-                    partial(recurrent.decode, problem, pool, slots, state_v_first=False, intermediate=False, tile=tile)
-                )
-                rows.append(
-                    dict(family=name, N=N, BV=BV, num_warps=warps, ms=ms, default=tile == default,
-                         GBps=2 * N * H * K * K * 4 / (ms * 1e-3) / 1e9)
-                )  # fmt: skip
-                if not CUDA:
-                    break
-            if not CUDA:
-                break
+        seen, default = set(), recurrent.tiles(K, K, "decode")
+        for elements, warps in choices:
+            with tile_setting(decode=(elements, warps)):
+                tile = recurrent.tiles(K, K, "decode")
+                if tile in seen:
+                    continue
+                seen.add(tile)
+                ms = timer(partial(_decode, name, args, pool, slots))
+            rows.append(
+                dict(kind="decode", family=name, N=N, BV=tile.BV, num_warps=tile.num_warps, ms=ms,
+                     GBps=2 * N * H * K * K * 4 / (ms * 1e-3) / 1e9, default=tile == default)
+            )  # fmt: skip
+    scan = cfg["scan"]
+    B, H, K, T = scan["B"], scan["H"], scan["K"], scan["T"][-2]
+    with_backend("triton")
+    for name in families:
+        args = scan_inputs(name, B=B, T=T, H=H, K=K, dtype=torch.bfloat16 if CUDA else torch.float32, device=device)
+        do = torch.randn(B, T, H, K, device=device, dtype=args["v"].dtype)
+        seen, default = set(), recurrent.tiles(K, K, "forward")
+        for elements, warps in ((1024, 1), (2048, 2), (4096, 4)):
+            with tile_setting(forward=(elements, warps), backward=(elements, warps)):
+                tile = recurrent.tiles(K, K, "forward")
+                if tile in seen:
+                    continue
+                seen.add(tile)
+                ms = timer(partial(_forward_backward, op(name, api.RECURRENT), args, do), grads=list(args.values()))
+            rows.append(
+                dict(kind="recurrent fwd+bwd", family=name, T=T, BV=tile.BV, num_warps=tile.num_warps, ms=ms,
+                     default=tile == default)
+            )  # fmt: skip
     return rows
 
 
@@ -457,8 +484,8 @@ def main(argv: list[str] | None = None) -> int:
     progress("(b) decode")
     copy_gbps = copy_bandwidth(device)
     decoding = bench_decode(device, cfg["decode"], timed, copy_gbps)
-    progress("(b) decode tile sweep")
-    tiles = sweep_decode_tiles(device, cfg["decode"], timed)
+    progress("tile sweep")
+    tiles = sweep_tiles(device, cfg, timed)
 
     print_table("(a) forward + backward, ms: chunk vs recurrent", scan,
                 [("family", "family", "s"), ("T", "T", "d"), ("chunk_ms", "chunk", ".3f"),
@@ -475,8 +502,8 @@ def main(argv: list[str] | None = None) -> int:
                 [("family", "family", "s"), ("N", "N", "d"), ("dplr_graph_ms", "dplr ms", ".4f"),
                  ("dplr_graph_GBps", "dplr GB/s", ".0f"), ("dplr_graph_of_copy", "of copy", ".0%"),
                  ("fla_graph_ms", "fla ms", ".4f"), ("fla_over_dplr_graph", "fla/dplr time", ".2f")])  # fmt: skip
-    print_table("decode kernel tiles at the largest N", tiles,
-                [("family", "family", "s"), ("BV", "BV", "d"), ("num_warps", "warps", "d"),
+    print_table("tiles: the decode step at the largest N, the recurrent forward + backward at one T", tiles,
+                [("kind", "kind", "s"), ("family", "family", "s"), ("BV", "BV", "d"), ("num_warps", "warps", "d"),
                  ("ms", "ms", ".4f"), ("GBps", "GB/s", ".0f"), ("default", "default", "")])  # fmt: skip
 
     slug = re.sub(r"[^a-z0-9]+", "_", env["card"].lower()).strip("_") + ("_tiny" if cfg is TINY else "")
@@ -484,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     result = dict(environment=env, config={k: {kk: list(vv) if isinstance(vv, tuple) else vv for kk, vv in v.items()}
                   for k, v in cfg.items()}, correctness_ops=ops, correctness_decode=decodes,
-                  chunk_vs_recurrent=scan, copy_GBps=copy_gbps, decode=decoding, decode_tiles=tiles)  # fmt: skip
+                  chunk_vs_recurrent=scan, copy_GBps=copy_gbps, decode=decoding, tiles=tiles)  # fmt: skip
     out.write_text(json.dumps(result, indent=1, default=str) + "\n")
     print(f"\nwrote {out}")
     if importlib.util.find_spec("matplotlib") is not None:

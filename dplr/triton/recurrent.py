@@ -35,19 +35,22 @@ class Tiles:
     num_warps: int
 
 
-# Register budget per program, in state elements: the forward holds one tile, the backward
-# three (state, its gradient, a recomputed decayed copy). Four warps carry 4096 fp32 values
-# in 32 registers a thread; larger tiles spill.
-_TILE_ELEMENTS = {"forward": 4096, "decode": 4096, "backward": 2048}
+# The split of the state across programs, per kind of kernel: (state elements per program,
+# warps). The recurrent passes are latency-bound (one dependent step per token), so one warp
+# per program keeps every reduction over K in shuffles, with no barrier; 32 values a thread
+# and tile fit in registers (the backward holds three tiles). The decode step is bandwidth-
+# bound and wants more bytes in flight per program. Tuning data: benchmarks/gpu_recurrent.py.
+TILES = {"forward": (1024, 1), "backward": (1024, 1), "decode": (4096, 4)}
 
 
 def tiles(K: int, V: int, kind: str) -> Tiles:
     """The tile for head sizes ``K, V`` (each at most :data:`MAX_HEAD_DIM`) and a ``kind`` of
-    kernel (``"forward"``, ``"decode"`` or ``"backward"``)."""
+    kernel (``"forward"``, ``"backward"`` or ``"decode"``): all of ``K``, as many columns as
+    :data:`TILES` allows (at least 4: 16-byte rows), and no more warps than 1024 values fill."""
+    elements, warps = TILES[kind]
     BK = triton.next_power_of_2(K)
-    BV = min(triton.next_power_of_2(V), max(_TILE_ELEMENTS[kind] // BK, 8))
-    num_warps = 4 if BK * BV >= 2048 else 2 if BK * BV >= 512 else 1
-    return Tiles(BK=BK, BV=BV, num_warps=num_warps)
+    BV = min(triton.next_power_of_2(V), max(elements // BK, 4))
+    return Tiles(BK=BK, BV=BV, num_warps=max(1, min(warps, BK * BV // 1024)))
 
 
 def _check_supported(problem: Problem) -> None:
@@ -202,19 +205,17 @@ def decode(
     *,
     state_v_first: bool,
     intermediate: bool,
-    tile: Tiles | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The state-pool decode step: sequence ``n`` runs its ``T`` tokens from ``pool[slots[n]]``
     and writes the state back there, in place. ``pool [P, HV, K, V]`` (``[P, HV, V, K]`` when
     ``state_v_first``), ``slots [N]``; a slot outside ``[0, P)`` is neither read nor written and
     its rows of the outputs are zeros. Returns ``(o [N, T, HV, V] in v's dtype, the state after
-    every token [N, T, HV, K, V] (or ``[.., V, K]``) in the pool's dtype, or None)``. ``tile``
-    overrides the default split (for the benchmark's sweep)."""
+    every token [N, T, HV, K, V] (or ``[.., V, K]``) in the pool's dtype, or None)``."""
     _check_supported(problem)
     p, device = problem, problem.q.device
     N, T, H, K = p.q.shape
     HV, V = p.v.shape[2], p.v.shape[3]
-    tile = tile or tiles(K, V, "decode")
+    tile = tiles(K, V, "decode")
     acc = torch.float64 if torch.float64 in (pool.dtype, p.compute_dtype) else torch.float32
     o = torch.empty(N, T, HV, V, dtype=p.v.dtype, device=device)
     state_shape = (V, K) if state_v_first else (K, V)
