@@ -143,10 +143,13 @@ def compile_for_sm90() -> None:
     from dplr.triton.recurrent_fwd import recurrent_fwd_kernel
 
     kernels = {"fwd": recurrent_fwd_kernel, "bwd": recurrent_bwd_kernel}
-    shape = dict(H=4, HV=8, K=128, V=128, BK=128, HAS_H0=True, HAS_HT=True, STORE_O=True, ACC=tl.float32)
+    shape = dict(H=4, HV=8, K=128, V=128, HAS_H0=True, HAS_HT=True, STORE_O=True, ACC=tl.float32)
     for kind, variant in _VARIANTS:
         fn = kernels[kind]
-        given = {**shape, "BV": 32 if kind == "fwd" else 16, "CK": 64, **variant}
+        tile = recurrent.tiles(
+            128, 128, "decode" if variant.get("POOL") else "forward" if kind == "fwd" else "backward"
+        )
+        given = {**shape, "BK": tile.BK, "BV": tile.BV, "CK": 64, **variant}
         signature, constexprs, attrs = {}, {}, {}
         for i, name in enumerate(fn.arg_names):
             if name in given:
@@ -155,7 +158,7 @@ def compile_for_sm90() -> None:
             signature[name] = _FLOATS.get(name, "i64" if name in _INTS else "*fp32")
             attrs[(i,)] = [["tt.divisibility", 16]]  # as the launcher specialises aligned pointers and strides
         source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-        triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+        triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": tile.num_warps})
 
 
 @pytest.mark.skipif(not INTERPRET, reason="on a GPU the other tests compile the kernels")
