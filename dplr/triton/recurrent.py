@@ -63,6 +63,8 @@ def _check_supported(problem: Problem) -> None:
 
 
 def _acc(dtype: torch.dtype):
+    """The kernels' arithmetic: fp32 states and sums whatever the inputs (a bf16 state would
+    drift over thousands of steps); fp64 for fp64 inputs, the tests' exact mode."""
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
@@ -126,7 +128,7 @@ def _forward(problem: Problem, *, store_o: bool, every: int) -> tuple:
             _device_int64(p.cu_seqlens, device),
             p.scale, T,
             *final.stride(),
-            *final.stride(),
+            *(final if ckpt is None else ckpt).stride(),
             H=H, HV=HV, K=K, V=V, BK=tile.BK, BV=tile.BV, **constexprs(p.transition),
             SAVE=SAVE_CHECKPOINTS if every else SAVE_NONE, CK=max(every, 1),
             HAS_H0=h0 is not None, HAS_HT=True, STORE_O=store_o, POOL=False, VARLEN=p.cu_seqlens is not None,
