@@ -22,6 +22,7 @@ from .common import (
     RMSNorm,
     ShortConvolution,
     init_linear_,
+    init_silu_gate_,
     project_qkv,
     split_heads,
 )
@@ -66,6 +67,8 @@ class DeltaNet(Mixer):
 
     def reset_parameters(self) -> None:
         init_linear_(self)
+        if self.g_proj is not None:
+            init_silu_gate_(self.g_proj)
 
     def mix(
         self, x: torch.Tensor, cache: LayerCache | None, cu_seqlens: torch.Tensor | None, *, recurrent: bool

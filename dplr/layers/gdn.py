@@ -21,6 +21,7 @@ from .common import (
     MixerOutput,
     ShortConvolution,
     init_linear_,
+    init_silu_gate_,
     inverse_softplus_time_steps,
     project_qkv,
     split_heads,
@@ -71,6 +72,7 @@ class GatedDeltaNet(Mixer):
         with torch.no_grad():
             self.A_log.copy_(torch.empty_like(self.A_log).uniform_(0, 16).log())  # Mamba-2's A in (0, 16]
             self.dt_bias.copy_(inverse_softplus_time_steps(self.dt_bias.numel()))
+        init_silu_gate_(self.g_proj)
 
     def mix(
         self, x: torch.Tensor, cache: LayerCache | None, cu_seqlens: torch.Tensor | None, *, recurrent: bool

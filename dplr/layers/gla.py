@@ -25,6 +25,7 @@ from .common import (
     MixerOutput,
     ShortConvolution,
     init_linear_,
+    init_silu_gate_,
     project_qkv,
     split_heads,
 )
@@ -71,6 +72,7 @@ class GatedLinearAttention(Mixer):
 
     def reset_parameters(self) -> None:
         init_linear_(self)
+        init_silu_gate_(self.g_proj)
 
     def mix(
         self, x: torch.Tensor, cache: LayerCache | None, cu_seqlens: torch.Tensor | None, *, recurrent: bool

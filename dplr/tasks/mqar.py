@@ -95,6 +95,7 @@ class Preset:
     head_dim: int = 64
     weight_decay: float = 0.1
     warmup_fraction: float = 0.1
+    max_seconds: float | None = None  # per run: shorten the schedule to what fits (see train_one)
 
 
 PRESETS = {
@@ -107,7 +108,7 @@ PRESETS = {
         test_examples=1000,
         epochs=1,
         batch_size=16,
-        lr=3e-3,
+        lr=1e-3,
         head_dim=32,
     ),
     # Zoology's sweep: vocab 8192, T = 512, 64 pairs, 2 layers, widths 64-512, 100K examples.
@@ -120,6 +121,7 @@ PRESETS = {
         epochs=4,
         batch_size=64,
         lr=1e-3,
+        max_seconds=150.0,
     ),
 }
 
@@ -137,6 +139,9 @@ def model_config(preset: Preset, mixer: str, width: int) -> LMConfig:
     )
 
 
+WARM_STEPS, PROBE_STEPS = 5, 25  # a time budget times steps WARM_STEPS..PROBE_STEPS, then fixes the run's length
+
+
 def train_one(
     preset: Preset,
     mixer: str,
@@ -149,39 +154,61 @@ def train_one(
     lr: float | None = None,
     progress: bool = True,
 ) -> dict:
-    """Train one model and measure its recall accuracy on ``test``. Returns a result row."""
+    """Train one model and measure its recall accuracy on ``test``. Returns a result row.
+
+    ``epochs`` passes over ``train`` in batches of ``batch_size``, AdamW with a linear warm-up and a
+    cosine decay to zero. With ``preset.max_seconds`` the run is shortened, once the first
+    :data:`PROBE_STEPS` steps are timed, to what fits the budget; the schedule follows (still
+    in warm-up then), so a budgeted run is a complete, shorter run rather than a cut one."""
     torch.manual_seed(seed)
     lr = preset.lr if lr is None else lr
     model = LM(model_config(preset, mixer, width)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=preset.weight_decay, betas=(0.9, 0.98))
     inputs, targets = train
-    steps_per_epoch = math.ceil(len(inputs) / preset.batch_size)
-    total = steps_per_epoch * preset.epochs
-    warmup = max(1, int(preset.warmup_fraction * total))
-    # Linear warm-up, then cosine decay to zero.
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda s: min(
-            (s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warmup) / max(1, total - warmup))))
-        ),
-    )
+    planned = math.ceil(len(inputs) / preset.batch_size) * preset.epochs
+    plan = dict(total=planned, warmup=max(1, int(preset.warmup_fraction * planned)))
+
+    def schedule(s: int) -> float:
+        warmup, total = plan["warmup"], plan["total"]
+        return min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(1.0, (s - warmup) / max(1, total - warmup)))))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     gen = torch.Generator().manual_seed(seed)
-    bar = _progress(total, f"{mixer:>9s} d={width:<4d}", progress)
-    start = time.perf_counter()
+    batches = (
+        order[i : i + preset.batch_size]
+        for _ in range(preset.epochs)
+        for order in [torch.randperm(len(inputs), generator=gen)]
+        for i in range(0, len(inputs), preset.batch_size)
+    )
+    bar = _progress(planned, f"{mixer:>9s} d={width:<4d}", progress)
+    start, marks = time.perf_counter(), []
     model.train()
-    for _ in range(preset.epochs):
-        order = torch.randperm(len(inputs), generator=gen)
-        for i in range(0, len(inputs), preset.batch_size):
-            idx = order[i : i + preset.batch_size]
-            x, y = inputs[idx].to(device), targets[idx].to(device)
-            loss = F.cross_entropy(model(x).logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            bar.update(1)
+    for step, idx in enumerate(batches):
+        if step == plan["total"]:
+            break
+        x, y = inputs[idx].to(device), targets[idx].to(device)
+        loss = F.cross_entropy(model(x).logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        bar.update(1)
+        if step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        if preset.max_seconds is not None and step + 1 in (WARM_STEPS, PROBE_STEPS):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            marks.append(time.perf_counter())
+        if preset.max_seconds is not None and step + 1 == PROBE_STEPS:
+            # Timed after the first steps, which pay for kernel compilation and autotuning.
+            per_step = (marks[1] - marks[0]) / (PROBE_STEPS - WARM_STEPS)
+            fits = PROBE_STEPS + max(1, int((preset.max_seconds - (marks[1] - start)) / per_step))
+            if fits < planned:
+                plan.update(total=fits, warmup=max(1, min(plan["warmup"], int(preset.warmup_fraction * fits))))
+                bar.reset(total=fits)
+                bar.update(step + 1)
+    steps = min(plan["total"], planned)
     train_seconds = time.perf_counter() - start
     accuracy, test_loss = evaluate(model, test, batch_size=4 * preset.batch_size, device=device)
     bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{accuracy:.3f}")
@@ -193,10 +220,11 @@ def train_one(
         accuracy=accuracy,
         test_loss=test_loss,
         final_train_loss=float(loss.item()),
-        steps=total,
+        steps=steps,
+        planned_steps=planned,
         parameters=sum(p.numel() for p in model.parameters()),
         train_seconds=round(train_seconds, 2),
-        train_tokens_per_second=round(total * preset.batch_size * preset.data.seq_len / train_seconds, 1),
+        train_tokens_per_second=round(steps * preset.batch_size * preset.data.seq_len / train_seconds, 1),
     )
 
 
@@ -236,6 +264,9 @@ class _Quiet:
 
     def update(self, n: int) -> None:
         """Progress is shown only at the end without tqdm."""
+
+    def reset(self, total: int) -> None:
+        """The length is not shown without tqdm."""
 
     def set_postfix(self, refresh: bool = True, **values) -> None:
         self.postfix = values
@@ -349,6 +380,7 @@ def add_subcommand(sub) -> None:
     p.add_argument("--epochs", type=int, help="passes over the training set (default the preset's)")
     p.add_argument("--train-examples", type=int, help="default the preset's")
     p.add_argument("--batch-size", type=int, help="default the preset's")
+    p.add_argument("--max-minutes", type=float, help="time budget per run (default the preset's: gpu 2.5, cpu none)")
     p.add_argument("--device", help="default: cuda when available, else cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="JSON path (default benchmarks/results/mqar_<preset>.json); the PNG goes beside it")
@@ -369,6 +401,8 @@ def cmd_mqar(ns: argparse.Namespace) -> int:
         if isinstance(value, int) and value < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     preset = dataclasses.replace(preset, **{k: v for k, v in changes.items() if v is not None})
+    if ns.max_minutes is not None:
+        preset = dataclasses.replace(preset, max_seconds=60.0 * ns.max_minutes)
     device = torch.device(ns.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     report = run(preset, device=device, seed=ns.seed, lr=ns.lr, progress=not ns.no_progress)
 
