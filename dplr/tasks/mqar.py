@@ -64,10 +64,14 @@ def make_examples(data: Data, num_examples: int, *, seed: int) -> tuple[torch.Te
         keys = 1 + torch.rand(n, half - 1, generator=gen).topk(P, dim=1).indices
         values = half + torch.rand(n, data.vocab_size - half, generator=gen).topk(P, dim=1).indices
         # Distractors: any token but this example's keys, so that a query's key occurs exactly twice
-        # (with a small vocabulary, random keys in the query region would pose as pairs).
-        free = torch.ones(n, data.vocab_size, dtype=torch.bool).scatter_(1, keys, False)
-        allowed = free.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, : data.vocab_size - P]
-        x = allowed.gather(1, torch.randint(0, data.vocab_size - P, (n, T), generator=gen))
+        # (with a small vocabulary, random keys in the query region would pose as pairs). Drawn
+        # again where they hit a key; each round leaves a fraction P / vocab_size of the last.
+        is_key = torch.zeros(n, data.vocab_size, dtype=torch.bool).scatter_(1, keys, True)
+        x = torch.randint(0, data.vocab_size, (n, T), generator=gen)
+        hit = is_key.gather(1, x)
+        while hit.any():
+            x[hit] = torch.randint(0, data.vocab_size, (int(hit.sum()),), generator=gen)
+            hit = is_key.gather(1, x)
         x[:, 0 : 2 * P : 2], x[:, 1 : 2 * P : 2] = keys, values
         where = 2 * P + 2 * torch.multinomial(weights.expand(n, slots), P, replacement=False, generator=gen)
         x.scatter_(1, where, keys)
