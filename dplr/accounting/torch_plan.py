@@ -16,7 +16,7 @@ How the PyTorch path differs from the ideal plan of :mod:`dplr.accounting.model`
   ``uncounted``. Its backward is a second triangular solve (uncounted) and one product
   ``[C, K + V] x [K + V, C]`` for the gradient of the system matrix (counted).
 * exponentials: each call that needs a factor takes its own ``exp`` (the end factor once per
-  end vector, a scalar-decay factor tile once per matrix); the ideal shares them.
+  end vector; a scalar-decay factor tile once per kind of row); the ideal shares them.
 * the backward (autograd) recomputes nothing and takes no ``exp`` (it reuses ``exp``'s output).
 
 Exponentials exclude the exact redo of sub-blocks whose halves decay by more than
@@ -64,7 +64,8 @@ def torch_plan(transition: Transition, *, chunks: int, heads: int, C: int, K: in
         intra_exps = 2 * C * K + 2 * nb * K + from_start_calls * nb * K + to_end_calls * C * K
         intra_exps += matrices * levels * nb * K
     elif decay is Decay.SCALAR:
-        intra_exps = matrices * C * C + (from_start_calls + to_end_calls) * C
+        # one C x C factor per row kind: q and k rows share it, the general a rows take a second
+        intra_exps = (2 if general else 1) * C * C + (from_start_calls + to_end_calls) * C
     else:
         intra_exps = 0
     state_exps = {Decay.NONE: 0, Decay.SCALAR: 1, Decay.CHANNEL: K}[decay]

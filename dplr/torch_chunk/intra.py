@@ -89,6 +89,7 @@ class Pairwise:
     def __init__(self, decays: Decays, decay: Decay, dtype: torch.dtype):
         self.decay, self.dtype = decay, dtype
         self.G, self.G_to_end = decays.G, decays.to_end
+        self._scalar_factors: dict[bool, torch.Tensor] = {}  # one C x C factor per row kind
         if decay is Decay.CHANNEL:
             self.blocks = _Blocks(decays.G, dtype)
 
@@ -97,8 +98,8 @@ class Pairwise:
             return self.blocks.rows(x, prev)
         if self.decay is Decay.NONE:
             return _Rows(x, prev, None)
-        G_prev = torch.cat([torch.zeros_like(self.G[..., :1]), self.G[..., :-1]], dim=-1)
-        return _Rows(x, prev, G_prev if prev else self.G)
+        G_rows = torch.cat([torch.zeros_like(self.G[..., :1]), self.G[..., :-1]], dim=-1) if prev else self.G
+        return _Rows(x, prev, G_rows)
 
     def cols(self, y: torch.Tensor):
         return self.blocks.cols(y) if self.decay is Decay.CHANNEL else y
@@ -125,9 +126,7 @@ class Pairwise:
             x, y = rows.x.flatten(-3, -2), cols.y.flatten(-3, -2)
         else:
             x, y = rows.x, cols
-            mask = _causal_mask(x.shape[-2], True, x.device)
-            exponent = (rows.hat[..., :, None] - self.G[..., None, :]).masked_fill(~mask, float("-inf"))
-            A = (x @ y.transpose(-1, -2)) * decay_factor(exponent, self.dtype)
+            A = (x @ y.transpose(-1, -2)) * self._scalar_factor(rows)
         # The pairs whose decay is exp(0) exactly (j = i; j = i - 1 for prev rows) are taken apart
         # and added without the gate: as a product of factors they would pass O(1) gradients into
         # the gate that cancel only up to rounding, swamping its true gradient under strong decay.
@@ -139,6 +138,15 @@ class Pairwise:
         if strict:
             return A
         return A + torch.diag_embed((x * y).sum(-1))
+
+
+    def _scalar_factor(self, rows) -> torch.Tensor:
+        """``exp(G^x_i - G_j)`` for ``j < i``, shared by the matrices whose rows read the same decay."""
+        if rows.prev not in self._scalar_factors:
+            mask = _causal_mask(rows.x.shape[-2], True, rows.x.device)
+            exponent = (rows.hat[..., :, None] - self.G[..., None, :]).masked_fill(~mask, float("-inf"))
+            self._scalar_factors[rows.prev] = decay_factor(exponent, self.dtype)
+        return self._scalar_factors[rows.prev]
 
 
 class _Rows(NamedTuple):

@@ -23,6 +23,7 @@ class ChunkLayout:
     token_index: torch.Tensor  # [M, C] flat token position of each chunk slot
     steps: tuple[int, ...]  # sequences still running at each step (a prefix of `order`)
     order: torch.Tensor  # [N] sequence ids, longest first
+    dense: tuple[int, int] | None = None  # (B, chunks per row) when rows are whole chunks: no index
 
     @property
     def num_chunks(self) -> int:
@@ -47,24 +48,33 @@ class ChunkLayout:
         index = first[:, None] + torch.arange(chunk_size)
         num_tokens = batch * seq_len
         index = torch.where(index < (starts[seq] + lengths[seq])[:, None], index, num_tokens)
+        whole = cu_seqlens is None and seq_len % chunk_size == 0 and batch * seq_len > 0
         return cls(
             chunk_size=chunk_size,
             num_tokens=num_tokens,
             token_index=index.to(device),
             steps=tuple(int(c) for c in running.sum(1).tolist()),
             order=order.to(device),
+            dense=(batch, seq_len // chunk_size) if whole else None,
         )
 
     def gather(self, x: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
         """``[B, T, heads, *rest]`` → ``[M, heads, C, *rest]`` in ``dtype``, zeros in padding."""
         if x is None:
             return None
+        if self.dense is not None:  # step-major chunks of equal rows: one permuted copy
+            B, n = self.dense
+            chunks = x.reshape(B, n, self.chunk_size, *x.shape[2:]).transpose(0, 1).movedim(2, 3)
+            return chunks.reshape(B * n, *chunks.shape[2:]).to(dtype)
         flat = x.reshape(self.num_tokens, *x.shape[2:]).to(dtype)
         padded = torch.cat([flat, flat.new_zeros(1, *flat.shape[1:])])
         return padded[self.token_index].movedim(1, 2)
 
     def scatter(self, y: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         """``[M, heads, C, D]`` → ``[B, T, heads, D]``; padding slots are dropped."""
+        if self.dense is not None:
+            B, n = self.dense
+            return y.reshape(n, B, *y.shape[1:]).transpose(0, 1).movedim(3, 2).reshape(shape)
         rows = y.movedim(2, 1).reshape(-1, *y.shape[1:2], *y.shape[3:])
         index = self.token_index.reshape(-1)
         keep = index < self.num_tokens
