@@ -139,7 +139,6 @@ class Pairwise:
             return A
         return A + torch.diag_embed((x * y).sum(-1))
 
-
     def _scalar_factor(self, rows) -> torch.Tensor:
         """``exp(G^x_i - G_j)`` for ``j < i``, shared by the matrices whose rows read the same decay."""
         if rows.prev not in self._scalar_factors:
