@@ -213,6 +213,27 @@ def token_shift(
     return taps[1], new_tail
 
 
+def add_qkv(layer: nn.Module, hidden_size: int, heads: Heads, *, use_short_conv: bool, conv_size: int) -> None:
+    """Give ``layer`` the q, k, v projections (no bias) and, with ``use_short_conv``, their short
+    convolutions (``layer.convs``, SiLU inside; ``None`` without), as :func:`project_qkv` reads them."""
+    layer.q_proj = nn.Linear(hidden_size, heads.key_dim, bias=False)
+    layer.k_proj = nn.Linear(hidden_size, heads.key_dim, bias=False)
+    layer.v_proj = nn.Linear(hidden_size, heads.value_dim, bias=False)
+    dims = (heads.key_dim, heads.key_dim, heads.value_dim)
+    layer.convs = nn.ModuleList(ShortConvolution(d, conv_size) for d in dims) if use_short_conv else None
+
+
+def state_options(cache: LayerCache | None, cu_seqlens: torch.Tensor | None) -> dict:
+    """The op options every layer passes: start from the cache, return the final state."""
+    return dict(initial_state=None if cache is None else cache.state, output_final_state=True, cu_seqlens=cu_seqlens)
+
+
+def gated_output(layer: nn.Module, o: torch.Tensor, x: torch.Tensor, cache: LayerCache) -> MixerOutput:
+    """``o_proj(o_norm(o, g_proj(x)))`` per value head: the gated-norm output of KDA, GDN, GLA."""
+    o = layer.o_norm(o, split_heads(layer.g_proj(x), layer.heads.head_v_dim))
+    return MixerOutput(layer.o_proj(o.flatten(-2)), cache)
+
+
 def project_qkv(
     layer: nn.Module,
     x: torch.Tensor,

@@ -20,11 +20,13 @@ from .common import (
     Mixer,
     MixerOutput,
     RMSNorm,
-    ShortConvolution,
+    add_qkv,
+    gated_output,
     init_linear_,
     init_silu_gate_,
     project_qkv,
     split_heads,
+    state_options,
 )
 
 
@@ -51,14 +53,7 @@ class DeltaNet(Mixer):
         self.heads = h = Heads.build(num_heads=num_heads, head_dim=head_dim, num_v_heads=num_v_heads, expand_v=expand_v)
         self.allow_neg_eigval = allow_neg_eigval
 
-        self.q_proj = nn.Linear(hidden_size, h.key_dim, bias=False)
-        self.k_proj = nn.Linear(hidden_size, h.key_dim, bias=False)
-        self.v_proj = nn.Linear(hidden_size, h.value_dim, bias=False)
-        self.convs = (
-            nn.ModuleList(ShortConvolution(dim, conv_size) for dim in (h.key_dim, h.key_dim, h.value_dim))
-            if use_short_conv
-            else None
-        )
+        add_qkv(self, hidden_size, h, use_short_conv=use_short_conv, conv_size=conv_size)
         self.b_proj = nn.Linear(hidden_size, h.num_v_heads, bias=False)
         self.g_proj = nn.Linear(hidden_size, h.value_dim, bias=False) if use_gate else None
         self.o_norm = GatedRMSNorm(h.head_v_dim, norm_eps) if use_gate else RMSNorm(h.head_v_dim, norm_eps)
@@ -81,15 +76,11 @@ class DeltaNet(Mixer):
             split_heads(k, h.head_k_dim),
             split_heads(v, h.head_v_dim),
             self.b_proj(x),
-            initial_state=None if cache is None else cache.state,
-            output_final_state=True,
             use_qk_l2norm_in_kernel=True,
             use_beta_sigmoid_in_kernel=True,
             allow_neg_eigval=self.allow_neg_eigval,
-            cu_seqlens=cu_seqlens,
+            **state_options(cache, cu_seqlens),
         )
-        if self.g_proj is None:
-            o = self.o_norm(o)
-        else:
-            o = self.o_norm(o, split_heads(self.g_proj(x), h.head_v_dim))
-        return MixerOutput(self.o_proj(o.flatten(-2)), LayerCache(state, tails))
+        if self.g_proj is not None:
+            return gated_output(self, o, x, LayerCache(state, tails))
+        return MixerOutput(self.o_proj(self.o_norm(o).flatten(-2)), LayerCache(state, tails))

@@ -19,12 +19,14 @@ from .common import (
     LayerCache,
     Mixer,
     MixerOutput,
-    ShortConvolution,
+    add_qkv,
+    gated_output,
     init_linear_,
     init_silu_gate_,
     inverse_softplus_time_steps,
     project_qkv,
     split_heads,
+    state_options,
 )
 
 
@@ -50,14 +52,7 @@ class GatedDeltaNet(Mixer):
         self.heads = h = Heads.build(num_heads=num_heads, head_dim=head_dim, num_v_heads=num_v_heads, expand_v=expand_v)
         self.allow_neg_eigval = allow_neg_eigval
 
-        self.q_proj = nn.Linear(hidden_size, h.key_dim, bias=False)
-        self.k_proj = nn.Linear(hidden_size, h.key_dim, bias=False)
-        self.v_proj = nn.Linear(hidden_size, h.value_dim, bias=False)
-        self.convs = (
-            nn.ModuleList(ShortConvolution(dim, conv_size) for dim in (h.key_dim, h.key_dim, h.value_dim))
-            if use_short_conv
-            else None
-        )
+        add_qkv(self, hidden_size, h, use_short_conv=use_short_conv, conv_size=conv_size)
         self.a_proj = nn.Linear(hidden_size, h.num_v_heads, bias=False)
         self.b_proj = nn.Linear(hidden_size, h.num_v_heads, bias=False)
         self.A_log = nn.Parameter(torch.empty(h.num_v_heads))
@@ -86,15 +81,12 @@ class GatedDeltaNet(Mixer):
             split_heads(v, h.head_v_dim),
             self.a_proj(x),
             self.b_proj(x),
-            initial_state=None if cache is None else cache.state,
-            output_final_state=True,
             use_qk_l2norm_in_kernel=True,
             use_beta_sigmoid_in_kernel=True,
             allow_neg_eigval=self.allow_neg_eigval,
             use_gate_in_kernel=True,
             A_log=self.A_log,
             dt_bias=self.dt_bias,
-            cu_seqlens=cu_seqlens,
+            **state_options(cache, cu_seqlens),
         )
-        o = self.o_norm(o, split_heads(self.g_proj(x), h.head_v_dim))
-        return MixerOutput(self.o_proj(o.flatten(-2)), LayerCache(state, tails))
+        return gated_output(self, o, x, LayerCache(state, tails))

@@ -23,11 +23,13 @@ from .common import (
     LowRank,
     Mixer,
     MixerOutput,
-    ShortConvolution,
+    add_qkv,
+    gated_output,
     init_linear_,
     init_silu_gate_,
     project_qkv,
     split_heads,
+    state_options,
 )
 
 
@@ -56,14 +58,7 @@ class GatedLinearAttention(Mixer):
             raise ValueError(f"gate_logit_normalizer must be positive, got {gate_logit_normalizer!r}")
         self.gate_logit_normalizer = float(gate_logit_normalizer)
 
-        self.q_proj = nn.Linear(hidden_size, h.key_dim, bias=False)
-        self.k_proj = nn.Linear(hidden_size, h.key_dim, bias=False)
-        self.v_proj = nn.Linear(hidden_size, h.value_dim, bias=False)
-        self.convs = (
-            nn.ModuleList(ShortConvolution(dim, conv_size) for dim in (h.key_dim, h.key_dim, h.value_dim))
-            if use_short_conv
-            else None
-        )
+        add_qkv(self, hidden_size, h, use_short_conv=use_short_conv, conv_size=conv_size)
         self.gk_proj = LowRank(hidden_size, gate_low_rank_dim, h.num_v_heads * h.head_k_dim, bias=True)
         self.g_proj = nn.Linear(hidden_size, h.value_dim, bias=False)
         self.o_norm = GatedRMSNorm(h.head_v_dim, norm_eps, activation="silu")
@@ -87,9 +82,6 @@ class GatedLinearAttention(Mixer):
             split_heads(k, h.head_k_dim),
             split_heads(v, h.head_v_dim),
             split_heads(g, h.head_k_dim),
-            initial_state=None if cache is None else cache.state,
-            output_final_state=True,
-            cu_seqlens=cu_seqlens,
+            **state_options(cache, cu_seqlens),
         )
-        o = self.o_norm(o, split_heads(self.g_proj(x), h.head_v_dim))
-        return MixerOutput(self.o_proj(o.flatten(-2)), LayerCache(state, tails))
+        return gated_output(self, o, x, LayerCache(state, tails))

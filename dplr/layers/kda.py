@@ -23,11 +23,13 @@ from .common import (
     LowRank,
     Mixer,
     MixerOutput,
-    ShortConvolution,
+    add_qkv,
+    gated_output,
     init_linear_,
     inverse_softplus_time_steps,
     project_qkv,
     split_heads,
+    state_options,
 )
 
 
@@ -56,14 +58,7 @@ class KimiDeltaAttention(Mixer):
             raise ValueError(f"gate_lower_bound must be negative (a log decay) or None, got {gate_lower_bound!r}")
         self.gate_lower_bound, self.allow_neg_eigval = gate_lower_bound, allow_neg_eigval
 
-        self.q_proj = nn.Linear(hidden_size, h.key_dim, bias=False)
-        self.k_proj = nn.Linear(hidden_size, h.key_dim, bias=False)
-        self.v_proj = nn.Linear(hidden_size, h.value_dim, bias=False)
-        self.convs = (
-            nn.ModuleList(ShortConvolution(dim, conv_size) for dim in (h.key_dim, h.key_dim, h.value_dim))
-            if use_short_conv
-            else None
-        )
+        add_qkv(self, hidden_size, h, use_short_conv=use_short_conv, conv_size=conv_size)
         self.f_proj = LowRank(hidden_size, h.head_v_dim, h.num_v_heads * h.head_k_dim, bias=False)
         self.b_proj = nn.Linear(hidden_size, h.num_v_heads, bias=False)
         self.A_log = nn.Parameter(torch.empty(h.num_v_heads))
@@ -94,8 +89,6 @@ class KimiDeltaAttention(Mixer):
             split_heads(v, h.head_v_dim),
             f,
             self.b_proj(x),
-            initial_state=None if cache is None else cache.state,
-            output_final_state=True,
             use_qk_l2norm_in_kernel=True,
             use_beta_sigmoid_in_kernel=True,
             allow_neg_eigval=self.allow_neg_eigval,
@@ -103,7 +96,6 @@ class KimiDeltaAttention(Mixer):
             A_log=self.A_log,
             dt_bias=self.dt_bias,
             lower_bound=self.gate_lower_bound,
-            cu_seqlens=cu_seqlens,
+            **state_options(cache, cu_seqlens),
         )
-        o = self.o_norm(o, split_heads(self.g_proj(x), h.head_v_dim))
-        return MixerOutput(self.o_proj(o.flatten(-2)), LayerCache(state, tails))
+        return gated_output(self, o, x, LayerCache(state, tails))

@@ -22,7 +22,7 @@ from torch import nn
 from dplr import chunk_rwkv7, fused_recurrent_rwkv7
 from dplr.preprocess import compute_dtype, l2norm
 
-from .common import Heads, LayerCache, LowRank, Mixer, init_linear_, split_heads, token_shift
+from .common import Heads, LayerCache, LowRank, Mixer, init_linear_, split_heads, state_options, token_shift
 
 DECAY_SCALE = math.exp(-0.5)  # w in (-exp(-0.5), 0): a per-step decay factor of at least 0.545
 
@@ -158,9 +158,7 @@ class RWKV7TimeMix(Mixer):
             -kk,
             kk * a,
             scale=1.0,
-            initial_state=None if cache is None else cache.state,
-            output_final_state=True,
-            cu_seqlens=cu_seqlens,
+            **state_options(cache, cu_seqlens),
         )
         # GroupNorm in fp32 (at least), as the RMSNorms of the other layers.
         dtype = compute_dtype(o)

@@ -386,6 +386,7 @@ def add_subcommand(sub) -> None:
     p.add_argument("--batch-size", type=int, help="default the preset's")
     p.add_argument("--max-minutes", type=float, help="time budget per run (default the preset's: gpu 2.5, cpu none)")
     p.add_argument("--device", help="default: cuda when available, else cpu")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="JSON path (default benchmarks/results/mqar_<preset>.json); the PNG goes beside it")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -408,6 +409,9 @@ def cmd_mqar(ns: argparse.Namespace) -> int:
     if ns.max_minutes is not None:
         preset = dataclasses.replace(preset, max_seconds=60.0 * ns.max_minutes)
     device = torch.device(ns.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # One thread by default: these small shapes gain little from intra-op threads, and a shared
+    # CPU turns extra threads into spin-waiting (a 2-thread run was 10-40x slower under load).
+    torch.set_num_threads(ns.threads)
     report = run(preset, device=device, seed=ns.seed, lr=ns.lr, progress=not ns.no_progress)
 
     out = Path(ns.out or f"benchmarks/results/mqar_{ns.preset}.json")

@@ -68,7 +68,8 @@ def test_training_learns_recall():
 def test_command_writes_json_and_table(tmp_path, capsys):
     out = tmp_path / "mqar.json"
     argv = ["mqar", "--mixer", "gla", "--mixer", "attention", "--width", "16", "--train-examples", "64"]
-    assert main([*argv, "--epochs", "1", "--no-progress", "--out", str(out)]) == 0
+    threads = str(torch.get_num_threads())  # leave the process as it was
+    assert main([*argv, "--epochs", "1", "--threads", threads, "--no-progress", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["preset"]["data"] == {"vocab_size": 64, "seq_len": 32, "num_kv_pairs": 4, "power_a": 0.01}
     assert [(r["mixer"], r["width"]) for r in report["results"]] == [("gla", 16), ("attention", 16)]
