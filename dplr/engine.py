@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .torch_chunk.cumsum import chunk_decays
-from .torch_chunk.intra import intra_chunk
+from .torch_chunk.intra import SUB, intra_chunk
 from .torch_chunk.layout import ChunkLayout
 from .torch_chunk.output import chunk_output
 from .torch_chunk.solve import pseudo_values
@@ -64,10 +64,9 @@ def chunk_fwd(problem: Problem, *, chunk_size: int) -> tuple[torch.Tensor, torch
     B, T = p.q.shape[:2]
     layout = ChunkLayout.build(batch=B, seq_len=T, cu_seqlens=p.cu_seqlens, chunk_size=chunk_size, device=p.q.device)
     q, k, a, b = (expand_heads(layout.gather(x, dtype), HV, dim=1) for x in (p.q, p.k, p.a, p.b))
-    v, beta = layout.gather(p.v, dtype), layout.gather(p.beta, dtype)
-    g = layout.gather(p.g, torch.float64)  # cumulative decays are summed in fp64 (see cumsum)
+    v, g, beta = (layout.gather(x, dtype) for x in (p.v, p.g, p.beta))
 
-    decays = chunk_decays(g)
+    decays = chunk_decays(g, sub=min(SUB, chunk_size))
     intra = intra_chunk(p.transition, q=q, k=k, a=a, b=b, decays=decays)
     pseudo = pseudo_values(p.transition, intra=intra, v=v, beta=beta)
     states = state_pass(

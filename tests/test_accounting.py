@@ -88,7 +88,7 @@ def chunked_inputs(transition, *, C: int, B: int = 2, HV: int = 2, K: int = 32, 
         a=chunk(rand(HV, K)) if general else None,
         b=chunk(rand(HV, K)) if general else None,
         beta=chunk(torch.rand(B, T, HV, generator=gen)) if tied else None,
-        g=None if g is None else chunk(-0.5 * torch.rand(B, T, *g, generator=gen), torch.float64),
+        g=None if g is None else chunk(-0.5 * torch.rand(B, T, *g, generator=gen)),
         initial_state=torch.randn(B, HV, K, V, generator=gen),
     )
     return layout, inputs
@@ -130,7 +130,8 @@ def run_stages(transition, layout, inputs) -> dict:
         return result
 
     x, t = inputs, transition
-    decays = stage("cumsum", chunk_decays, x["g"])
+    C = layout.chunk_size
+    decays = stage("cumsum", lambda g: chunk_decays(g, sub=min(SUB, C)), x["g"])
     intra = stage(
         "intra",
         lambda q, k, a, b, d: intra_chunk(t, q=q, k=k, a=a, b=b, decays=d),

@@ -155,12 +155,13 @@ def tensors(transition: Transition, *, C: int, K: int, V: int) -> dict[str, Tens
         TensorSpec("final", K * V, "seq", "value", "state", op_output=True),
     ]
     if decayed:
-        specs += [
-            token("g", Kg, kind="io", op_input=True),
-            token("G", Kg, kind="decay"),
-            token("to_end", Kg, kind="decay"),
-            TensorSpec("G_end", Kg, "chunk", "value", "decay"),
-        ]
+        specs += [token("g", Kg, kind="io", op_input=True), TensorSpec("G_end", Kg, "chunk", "value", "decay")]
+    if transition.decay is Decay.SCALAR:  # chunk sums
+        specs += [token("G", Kg, kind="decay"), token("to_end", Kg, kind="decay")]
+    if transition.decay is Decay.CHANNEL:  # sums inside sub-blocks, and the sub-blocks' totals
+        nb = C // min(SUB, C)
+        specs += [token("local", Kg, kind="decay"), token("rest", Kg, kind="decay"), token("gates", Kg, alias="g")]
+        specs += [TensorSpec("totals", nb * Kg, "chunk", "value", "decay")]
     if lowrank is not LowRank.NONE:
         specs += [token("W", K), token("U", V), token("pseudo", V)]
     if lowrank is LowRank.TIED:
@@ -187,16 +188,16 @@ def forward_stages(transition: Transition, *, C: int, K: int, V: int) -> list[St
     col_ops = ["k", "b"] if general else ["k"]
 
     cumsum = StageSpec("cumsum")
+    sums = {Decay.NONE: [], Decay.SCALAR: ["G", "to_end"], Decay.CHANNEL: ["local", "rest", "totals", "gates"]}[decay]
     if decay is not Decay.NONE:
         cumsum.other.append(elementwise("G = cumsum(g) in the chunk", C * Kg, bwd_factor=1.0))
         cumsum.reads += ["g"]
-        cumsum.writes += ["G", "to_end", "G_end"]
+        cumsum.writes += [*sums, "G_end"]
 
     intra = StageSpec("intra")
     intra.matmul += [product(f"{m} (dense C x C tile)", C, C, K) for m in matrices]
     intra.reads += [*row_ops, *[c for c in col_ops if c not in row_ops]]
-    if decay is not Decay.NONE:
-        intra.reads += ["G", "to_end"]
+    intra.reads += sums
     starts = [f"{x}_start" for x in row_ops]
     ends = [f"{y}_end" for y in col_ops]
     intra.writes += [*starts, *ends, *matrices]  # without decay the vectors are the inputs (aliases)

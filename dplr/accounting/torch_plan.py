@@ -57,11 +57,11 @@ def torch_plan(transition: Transition, *, chunks: int, heads: int, C: int, K: in
     product = C * K * (3 * C - L) if decay is Decay.CHANNEL else 2 * C * C * K
     intra = matrices * product
     if decay is Decay.CHANNEL:
-        # exp of G - s_p and of the clamped column factor per token; row_to_mid and mid_to_end
-        # per sub-block; exp(s_p) per start vector; the end factor per end vector; two shifts
-        # per sub-block and merge level per matrix.
+        # per token: the row factor, the clamped column factor and the column factor to the
+        # block's end; per sub-block: row_to_mid, exp(s_p) per start vector, the factor to the
+        # chunk's end per end vector, and two per merge level and matrix (half a block each side).
         levels = int(math.log2(nb))
-        intra_exps = 2 * C * K + 2 * nb * K + from_start_calls * nb * K + to_end_calls * C * K
+        intra_exps = 3 * C * K + nb * K + from_start_calls * nb * K + to_end_calls * nb * K
         intra_exps += matrices * levels * nb * K
     elif decay is Decay.SCALAR:
         # one C x C factor per row kind: q and k rows share it, the general a rows take a second

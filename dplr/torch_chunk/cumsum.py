@@ -1,10 +1,18 @@
-"""Stage 1: cumulative log decays inside each chunk, held in fp64.
+"""Stage 1: the cumulative log decays of each chunk.
 
-A chunk decays by up to ``C · |g|`` (3840 at a gate of -60): in fp32 the difference of two such
-sums, ``G_i - G_j``, would carry an absolute error of ~2e-4, a relative error of 2e-4 in every
-pairwise factor ``exp(G_i - G_j)``. So the sums and their differences are taken in fp64 and each
-exponent is rounded once to the compute dtype just before its ``exp`` (:func:`decay_factor`),
-which leaves a relative error of ``|x| · 6e-8`` in the fp32 factor ``exp(x)``.
+Every factor the later stages need, ``exp(G_i - G_j)`` for ``j <= i``, is a sum of gates over
+a span of tokens. Taken as the difference of two chunk-long sums it would lose the small terms
+(in fp32, ``G ≈ -3840`` after 64 steps of -60 carries an absolute error of ~2e-4), so sums are
+kept short and, where two sums must be subtracted, held in fp64:
+
+* channel decay: sums inside sub-blocks of ``L`` tokens (at most ``L · |g|``) and the
+  sub-blocks' totals, in the compute dtype; the intra stage composes its factors from them;
+* scalar decay: chunk sums in fp64 (``[M, HV, C]``, small), each exponent rounded once to the
+  compute dtype just before its ``exp`` (:func:`decay_factor`).
+
+Sums "to the end" are summed as such, never as ``G_C - G_i``: for the last tokens that
+difference is 0 yet passes gradients of size O(1) to both terms, which cancel only up to
+rounding and would swamp the true (tiny) gate gradient under a strong decay.
 """
 
 from __future__ import annotations
@@ -15,29 +23,45 @@ import torch
 
 
 class Decays(NamedTuple):
-    """Cumulative log decays of a chunk; all ``None`` when the transition has no decay.
+    """Cumulative log decays of a chunk; all ``None`` when the transition has no decay."""
 
-    Shapes ``[M, HV, C]`` (scalar decay) or ``[M, HV, C, K]`` (channel decay).
-    """
-
-    G: torch.Tensor | None  # G_i = g_1 + ... + g_i  (inclusive; the rank-one rows read G_{i-1})
-    G_end: torch.Tensor | None  # G_C, the whole chunk  [M, HV] or [M, HV, K]
-    to_end: torch.Tensor | None  # G_C - G_i = g_{i+1} + ... + g_C, summed as such (see below)
+    G_end: torch.Tensor | None  # the whole chunk's decay  [M, HV] or [M, HV, K]
+    G: torch.Tensor | None = None  # scalar, fp64: G_i = g_1 + ... + g_i  [M, HV, C]
+    to_end: torch.Tensor | None = None  # scalar, fp64: g_{i+1} + ... + g_C  [M, HV, C]
+    local: torch.Tensor | None = None  # channel: g from the sub-block's start to i (inclusive)  [M, HV, nb, L, K]
+    rest: torch.Tensor | None = None  # channel: g after i to the sub-block's end  [M, HV, nb, L, K]
+    totals: torch.Tensor | None = None  # channel: each sub-block's decay  [M, HV, nb, K]
+    gates: torch.Tensor | None = None  # channel: g itself by sub-block  [M, HV, nb, L, K]
 
 
 def decay_factor(log_decay: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``exp(log_decay)`` in the compute dtype, from an fp64 exponent."""
+    """``exp(log_decay)`` in the compute dtype (from an fp64 exponent for scalar decay)."""
     return torch.exp(log_decay.to(dtype))
 
 
-def chunk_decays(g: torch.Tensor | None) -> Decays:
-    """``g`` chunked ``[M, HV, C(, K)]`` in fp64 (padding slots hold 0) → its cumulative sums."""
+def suffix_sums(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``x_{i+1} + ... + x_n`` along ``dim`` (exclusive, summed from the end)."""
+    inclusive = torch.flip(torch.cumsum(torch.flip(x, dims=[dim]), dim=dim), dims=[dim])
+    return torch.cat([inclusive.narrow(dim, 1, x.shape[dim] - 1), torch.zeros_like(inclusive.narrow(dim, 0, 1))], dim)
+
+
+def prefix_sums(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``x_1 + ... + x_{i-1}`` along ``dim`` (exclusive)."""
+    inclusive = torch.cumsum(x, dim=dim)
+    return torch.cat([torch.zeros_like(inclusive.narrow(dim, 0, 1)), inclusive.narrow(dim, 0, x.shape[dim] - 1)], dim)
+
+
+def chunk_decays(g: torch.Tensor | None, *, sub: int) -> Decays:
+    """``g`` chunked, ``[M, HV, C]`` (scalar) or ``[M, HV, C, K]`` (channel), padding slots 0,
+    in the compute dtype; ``sub`` the sub-block length of the channel case."""
     if g is None:
-        return Decays(None, None, None)
-    G = torch.cumsum(g, dim=2)
-    # The decay to the chunk end as its own sum, not G_C - G_i: for the last tokens that
-    # difference is ~0 yet passes gradients of size O(1) to both G_C and G_i, which cancel only
-    # up to rounding, swamping the true (tiny) gate gradient under a strong decay.
-    suffix = torch.flip(torch.cumsum(torch.flip(g, dims=[2]), dim=2), dims=[2])  # g_i + ... + g_C
-    to_end = torch.cat([suffix[:, :, 1:], torch.zeros_like(suffix[:, :, :1])], dim=2)
-    return Decays(G, G[:, :, -1], to_end)
+        return Decays(None)
+    if g.dim() == 3:
+        g = g.double()
+        G = torch.cumsum(g, dim=2)
+        return Decays(G_end=G[:, :, -1], G=G, to_end=suffix_sums(g, 2))
+    M, HV, C, K = g.shape
+    blocks = g.reshape(M, HV, C // sub, sub, K)
+    local = torch.cumsum(blocks, dim=3)
+    totals = local[..., -1, :]
+    return Decays(G_end=totals.sum(2), local=local, rest=suffix_sums(blocks, 3), totals=totals, gates=blocks)

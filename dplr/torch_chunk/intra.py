@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 
 from ..transition import Decay, LowRank, Transition
-from .cumsum import Decays, decay_factor
+from .cumsum import Decays, decay_factor, prefix_sums, suffix_sums
 
 SUB = 16
 # Inside a sub-block factors reach exp(HALF_LIMIT) ≈ 2e17, leaving fp32 (max ≈ 3e38) a margin of
@@ -91,7 +91,7 @@ class Pairwise:
         self.G, self.G_to_end = decays.G, decays.to_end
         self._scalar_factors: dict[bool, torch.Tensor] = {}  # one C x C factor per row kind
         if decay is Decay.CHANNEL:
-            self.blocks = _Blocks(decays.G, dtype)
+            self.blocks = _Blocks(decays, dtype)
 
     def rows(self, x: torch.Tensor, *, prev: bool = False):
         if self.decay is Decay.CHANNEL:
@@ -114,6 +114,8 @@ class Pairwise:
         """``y ⊙ exp(G_C - G_j)``."""
         if self.decay is Decay.NONE:
             return y
+        if self.decay is Decay.CHANNEL:
+            return self.blocks.to_end(y)
         factor = decay_factor(self.G_to_end, self.dtype)
         return y * (factor[..., None] if self.decay is Decay.SCALAR else factor)
 
@@ -164,8 +166,9 @@ class _Blocks:
     """Sub-blocks of ``SUB`` tokens of a channel-decayed chunk and their reference points.
 
     Per block ``p``: ``s_p`` the decay just before it, ``m_p`` at the end of its first half,
-    ``e_p`` at its last token. Two ``exp`` per token and channel, ``E = exp(G_i - s_p) <= 1`` for
-    rows and ``exp(m_p - G_j)`` for columns; every other factor is a shift or a per-block ``exp``.
+    ``e_p`` at its last token. All factors come from block-local sums (stage 1): three ``exp``
+    per token and channel, ``exp(G_i - s_p) <= 1`` for rows, ``exp(m_p - G_j)`` and
+    ``exp(e_p - G_j) <= 1`` for columns; every other factor is one ``exp`` per block.
 
     * Inside a block: ``x ⊙ exp(G_i - m_p)`` against ``y ⊙ exp(m_p - G_j)``. Both factors are at
       most ``exp(HALF_LIMIT)`` when neither half of the block decays by more than ``HALF_LIMIT``,
@@ -173,29 +176,23 @@ class _Blocks:
       Blocks that decay faster (a gate below about -5 per step) are redone exactly.
     * Between blocks, merged pairwise level by level: the lower half's rows and the upper half's
       columns meet at ``c``, the decay at the end of the upper half, through
-      ``x ⊙ E ⊙ exp(s_p - c)`` and ``y ⊙ exp(e_q - G_j) ⊙ exp(c - e_q)``; every exponent ``<= 0``.
+      ``x ⊙ exp(G_i - s_p) ⊙ exp(s_p - c)`` and ``y ⊙ exp(e_q - G_j) ⊙ exp(c - e_q)``; every
+      exponent ``<= 0`` and a sum over whole blocks between the two.
     """
 
-    def __init__(self, G: torch.Tensor, dtype: torch.dtype):
-        *self.lead, C, _ = G.shape
-        self.L = min(SUB, C)
-        self.nb = C // self.L
-        self.G = self._split(G)
-        self.end = self.G[..., -1, :]  # e_p    [.., nb, K]
-        self.mid = self.G[..., max(self.L // 2 - 1, 0), :]  # m_p
-        self.start = torch.cat([torch.zeros_like(self.end[..., :1, :]), self.end[..., :-1, :]], dim=-2)  # s_p
-        self.dtype = dtype
-        self.E = self._exp(self.G - self.start[..., None, :])
+    def __init__(self, decays: Decays, dtype: torch.dtype):
+        *self.lead, self.nb, self.L, _ = decays.local.shape
+        self.local, self.totals, self.gates = decays.local, decays.totals, decays.gates
+        mid = self.local[..., max(self.L // 2 - 1, 0), :]  # m_p - s_p   [.., nb, K]
+        self.E = torch.exp(self.local)  # exp(G_i - s_p)
         # The clamps only bite in unsafe blocks, whose results are replaced (values and gradients).
-        self.col_up = self._exp((self.mid[..., None, :] - self.G).clamp(max=HALF_LIMIT))
-        self.row_to_mid = self._exp((self.start - self.mid).clamp(max=HALF_LIMIT))[..., None, :]
-        self.mid_to_end = self._exp(self.end - self.mid)[..., None, :]
-        half = torch.maximum(self.start - self.mid, self.mid - self.end).amax(-1)  # [.., nb]
-        unsafe = half > HALF_LIMIT
+        self.col_up = torch.exp((mid[..., None, :] - self.local).clamp(max=HALF_LIMIT))
+        self.row_to_mid = torch.exp((-mid).clamp(max=HALF_LIMIT))[..., None, :]
+        self.down = torch.exp(decays.rest)  # exp(e_p - G_j)
+        self.starts = prefix_sums(self.totals, -2)  # s_p, from the chunk's start
+        self.to_chunk_end = suffix_sums(self.totals, -2)  # from e_p to the chunk's end
+        unsafe = torch.maximum(-mid, mid - self.totals).amax(-1) > HALF_LIMIT  # [.., nb]
         self.unsafe = unsafe.nonzero(as_tuple=True) if bool(unsafe.any()) else None
-
-    def _exp(self, log_decay: torch.Tensor) -> torch.Tensor:
-        return decay_factor(log_decay, self.dtype)
 
     def _split(self, t: torch.Tensor) -> torch.Tensor:
         return t.reshape(*self.lead, self.nb, self.L, t.shape[-1])
@@ -211,15 +208,13 @@ class _Blocks:
 
     def cols(self, y: torch.Tensor) -> _Cols:
         y = self._split(y)
-        up = y * self.col_up
-        down = up * self.mid_to_end
-        if self.unsafe is not None:
-            w = self.unsafe
-            down = down.index_put(w, y[w] * self._exp(self.end[w][..., None, :] - self.G[w]))
-        return _Cols(y, up, down)
+        return _Cols(y, y * self.col_up, y * self.down)
 
     def from_start(self, rows: _Rows) -> torch.Tensor:
-        return self._join(rows.hat * self._exp(self.start)[..., None, :])
+        return self._join(rows.hat * torch.exp(self.starts)[..., None, :])
+
+    def to_end(self, y: torch.Tensor) -> torch.Tensor:
+        return self._join(self._split(y) * self.down * torch.exp(self.to_chunk_end)[..., None, :])
 
     def product(self, rows: _Rows, cols: _Cols) -> torch.Tensor:
         """The strictly lower part (``j < i``) of ``A``."""
@@ -237,9 +232,11 @@ class _Blocks:
             def halves(t: torch.Tensor) -> torch.Tensor:  # split the block axis into pairs of halves
                 return t.reshape(*self.lead, pairs, 2, m, *t.shape[len(self.lead) + 1 :])  # noqa: B023
 
-            mid = halves(self.end)[..., 0, -1:, :]  # [.., pairs, 1, K] decay at the upper half's end
-            lower = halves(rows.hat)[..., 1, :, :, :] * self._exp(halves(self.start)[..., 1, :, :] - mid)[..., None, :]
-            upper = halves(cols.down)[..., 0, :, :, :] * self._exp(mid - halves(self.end)[..., 0, :, :])[..., None, :]
+            totals = halves(self.totals)  # [.., pairs, 2, m, K]
+            below = torch.exp(prefix_sums(totals[..., 1, :, :], -2))  # exp(s_p - c), lower half
+            above = torch.exp(suffix_sums(totals[..., 0, :, :], -2))  # exp(c - e_q), upper half
+            lower = halves(rows.hat)[..., 1, :, :, :] * below[..., None, :]
+            upper = halves(cols.down)[..., 0, :, :, :] * above[..., None, :]
             off = lower.flatten(-3, -2) @ upper.flatten(-3, -2).transpose(-1, -2)  # [.., pairs, size, size]
             for r in range(pairs):
                 top = 2 * r * size
@@ -255,11 +252,14 @@ class _Blocks:
     def _repair(self, A, rows: _Rows, cols: _Cols) -> torch.Tensor:
         """Blocks whose halves decay by more than HALF_LIMIT: the exact element-wise product, in place."""
         w = self.unsafe
-        gy = self.G[w]
-        gx = torch.cat([self.start[w][:, None, :], gy[:, :-1, :]], dim=1) if rows.prev else gy
+        # These blocks decay by hundreds: the pairwise sums G_i - G_j of neighbours (≈ g_i) must
+        # not be differences of fp32 sums that large, so the sums are redone in fp64 here.
+        gy = torch.cumsum(self.gates[w].double(), dim=1)
+        gx = torch.cat([torch.zeros_like(gy[:, :1, :]), gy[:, :-1, :]], dim=1) if rows.prev else gy
         mask = _causal_mask(self.L, True, A.device)[..., None]
         exponent = (gx[:, :, None, :] - gy[:, None, :, :]).masked_fill(~mask, float("-inf"))
-        exact = (rows.x[w][:, :, None, :] * cols.y[w][:, None, :, :] * self._exp(exponent)).sum(-1)
+        factor = decay_factor(exponent, A.dtype)
+        exact = (rows.x[w][:, :, None, :] * cols.y[w][:, None, :, :] * factor).sum(-1)
         blocks = A.view(*self.lead, self.nb, self.L, self.nb, self.L).diagonal(dim1=-4, dim2=-2)
         blocks.movedim(-1, -3)[w] = exact  # [.., nb, L, L]: a view of A's diagonal blocks
         return A

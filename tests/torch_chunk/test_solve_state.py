@@ -26,7 +26,7 @@ def test_tied_pseudo_values_are_the_corrected_values():
     beta = torch.rand(1, 1, C, generator=gen, dtype=torch.float64)
     S0 = torch.randn(1, 1, K, V, generator=gen, dtype=torch.float64)
     tr = Transition(Decay.CHANNEL, LowRank.TIED)
-    decays = chunk_decays(g)
+    decays = chunk_decays(g, sub=16)
     intra = intra_chunk(tr, q=k, k=k, a=None, b=None, decays=decays)
     pseudo = pseudo_values(tr, intra=intra, v=v, beta=beta)
     P = pseudo.U + pseudo.W @ S0
