@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import subprocess
 import sys
 import time
@@ -31,19 +30,12 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dplr import FAMILIES  # noqa: E402
+from dplr import FAMILIES, provenance  # noqa: E402
 from dplr.testing import float_tensors, make_inputs, op, reference, rel_err  # noqa: E402
 
 SHAPES = [(4, 8192, 16, 128), (1, 32768, 32, 128), (1, 65536, 16, 128), (16, 2048, 16, 128)]
 TIMED = ["kda", "dplr_delta_rule", "gated_delta_rule", "delta_rule", "gla", "simple_gla"]
 TOL = {torch.bfloat16: 5e-3, torch.float32: 1e-4}
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "unknown"
 
 
 def load_fla():
@@ -281,19 +273,10 @@ def main() -> int:
     slug = card.replace("NVIDIA ", "").replace(" ", "_")
     out_dir = Path(ns.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    import triton
 
     has_bwd = triton_path.has_backward(64)
     backward = {"auto": has_bwd, "yes": True, "no": False}[ns.backward]
-    result = dict(
-        card=card,
-        torch=torch.__version__,
-        triton=triton.__version__,
-        commit=git_commit(),
-        python=platform.python_version(),
-        date=time.strftime("%Y-%m-%d %H:%M"),
-        triton_backward=has_bwd,
-    )
+    result = dict(provenance.environment("cuda"), triton_backward=has_bwd)
     started = time.time()
 
     if not ns.no_pytest:

@@ -26,10 +26,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
@@ -40,6 +38,7 @@ import triton
 
 import dplr
 import dplr.distributed as cp
+from dplr import provenance
 from dplr.testing import float_tensors, make_inputs, reference, rel_err
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -53,26 +52,11 @@ WARMUP = 2
 
 
 def environment(device: torch.device, backend: str) -> dict:
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
-    card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    env = provenance.environment(device)
     cards = [None] * dist.get_world_size()
-    dist.all_gather_object(cards, card)
-    return dict(
-        cards=cards,
-        world_size=dist.get_world_size(),
-        comm_backend=dist.get_backend(),
-        chunk_backend=backend,
-        torch=torch.__version__,
-        triton=triton.__version__,
-        dplr=dplr.__version__,
-        commit=commit,
-        python=platform.python_version(),
-    )
+    dist.all_gather_object(cards, env.pop("card") or env["cpu"])
+    return dict(env, cards=cards, world_size=dist.get_world_size(), comm_backend=dist.get_backend(),
+                chunk_backend=backend, dplr=dplr.__version__)  # fmt: skip
 
 
 def chunk_backend(device: torch.device) -> str:

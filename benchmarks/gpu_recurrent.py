@@ -28,9 +28,7 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import re
-import subprocess
 import sys
 import time
 from contextlib import contextmanager
@@ -46,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a chec
 
 import triton  # noqa: E402
 
-from dplr import api, decode  # noqa: E402
+from dplr import api, decode, provenance  # noqa: E402
 from dplr import triton as triton_path  # noqa: E402
 from dplr.cli import check_one  # noqa: E402
 from dplr.testing import make_inputs, op, reference, rel_err, tensor_names  # noqa: E402
@@ -69,21 +67,9 @@ ROUNDING_BAND = 1e-6  # fp32 rounding of the inputs themselves, relative
 
 
 def environment(device: torch.device) -> dict:
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
-    return dict(
-        card=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        torch=torch.__version__,
-        triton=triton.__version__,
-        fla=_fla_version(),
-        commit=commit,
-        chunk_backend=_chunk_backend(),
-        python=platform.python_version(),
-    )
+    env = provenance.environment(device)
+    env["card"] = env["card"] or env["cpu"]
+    return dict(env, fla=_fla_version(), chunk_backend=_chunk_backend())
 
 
 def _fla_version() -> str | None:

@@ -7,7 +7,6 @@ JSON, and a report saved on one machine prints the same on another).
 from __future__ import annotations
 
 import platform
-import subprocess
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__
+from ..provenance import git_commit
 from ..transition import FAMILIES, Transition
 from .model import FORWARD_STAGES, RECOMPUTE, Account, Precision, Shape, account, attention_cost, recurrent_cost
 from .roofline import Device, floor, fused_floor, staged_floor
@@ -75,17 +75,6 @@ def ratios(report: dict, numerator: str, denominator: str) -> dict:
         for d in DIRECTIONS
     }
     return dict(numerator=numerator, denominator=denominator, stages=stages, totals=totals)
-
-
-def git_commit() -> str:
-    """The commit of the checkout dplr runs from, or ``unknown``."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return out.stdout.strip() if out.returncode == 0 else "unknown"
 
 
 def build(

@@ -18,8 +18,6 @@ import argparse
 import dataclasses
 import json
 import math
-import platform
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .. import __version__
+from .. import __version__, provenance
 from ..models.lm import LM, MIXERS, LMConfig
 
 IGNORE = -100  # the target of every position that is not an answer
@@ -337,30 +335,7 @@ def _run_parallel(preset: Preset, runs: list, train, test, *, seed: int, lr: flo
 
 def environment(device: torch.device) -> dict:
     """The machine, the versions and the commit, for the JSON."""
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
-    card = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    return dict(
-        device=str(device),
-        card=card,
-        cpu=platform.processor() or platform.machine(),
-        threads=torch.get_num_threads(),
-        python=platform.python_version(),
-        torch=torch.__version__,
-        triton=triton_version,
-        dplr=__version__,
-        commit=commit,
-    )
+    return dict(provenance.environment(device), device=str(device), threads=torch.get_num_threads(), dplr=__version__)
 
 
 def table(report: dict) -> str:

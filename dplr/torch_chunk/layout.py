@@ -16,6 +16,15 @@ from dataclasses import dataclass
 import torch
 
 
+def sequence_spans(batch: int, seq_len: int, cu_seqlens) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(starts, lengths)`` of every sequence in the flat token axis (host int64): the ``batch``
+    rows of ``seq_len`` tokens, or the spans of ``cu_seqlens`` (host integers)."""
+    if cu_seqlens is None:
+        return torch.arange(batch, dtype=torch.long) * seq_len, torch.full((batch,), seq_len, dtype=torch.long)
+    bounds = torch.tensor(cu_seqlens, dtype=torch.long)
+    return bounds[:-1], bounds[1:] - bounds[:-1]
+
+
 @dataclass(frozen=True)
 class ChunkLayout:
     chunk_size: int
@@ -32,12 +41,7 @@ class ChunkLayout:
     @classmethod
     def build(cls, *, batch: int, seq_len: int, cu_seqlens: list[int] | None, chunk_size: int, device) -> ChunkLayout:
         """``cu_seqlens`` as host integers (already validated), or ``None`` for ``batch`` rows."""
-        if cu_seqlens is None:
-            starts = torch.arange(batch, dtype=torch.long) * seq_len
-            lengths = torch.full((batch,), seq_len, dtype=torch.long)
-        else:
-            bounds = torch.tensor(cu_seqlens, dtype=torch.long)
-            starts, lengths = bounds[:-1], bounds[1:] - bounds[:-1]
+        starts, lengths = sequence_spans(batch, seq_len, cu_seqlens)
         counts = (lengths + chunk_size - 1) // chunk_size
         order = torch.argsort(counts, descending=True, stable=True)
         max_count = int(counts.max()) if counts.numel() else 0

@@ -15,6 +15,7 @@ import torch
 import triton
 
 from ..engine import Problem
+from ..torch_chunk.layout import sequence_spans
 from ..transition import Decay, LowRank
 from . import configs
 from .intra import chunk_prepare_kernel
@@ -28,12 +29,7 @@ class ChunkIndex:
     so that repeated calls copy nothing to the device."""
 
     def __init__(self, B: int, T: int, cu_seqlens: tuple[int, ...] | None, chunk_size: int, device: torch.device):
-        if cu_seqlens is None:
-            starts = torch.arange(B, dtype=torch.int64) * T
-            lengths = torch.full((B,), T, dtype=torch.int64)
-        else:
-            bounds = torch.tensor(cu_seqlens, dtype=torch.int64)
-            starts, lengths = bounds[:-1], bounds[1:] - bounds[:-1]
+        starts, lengths = sequence_spans(B, T, cu_seqlens)
         counts = (lengths + chunk_size - 1) // chunk_size
         first = torch.cumsum(counts, 0) - counts
         owner = torch.repeat_interleave(torch.arange(len(counts)), counts)
