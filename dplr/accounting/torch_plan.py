@@ -17,6 +17,9 @@ How the PyTorch path differs from the ideal plan of :mod:`dplr.accounting.model`
   ``[C, K + V] x [K + V, C]`` for the gradient of the system matrix (counted).
 * exponentials: each call that needs a factor takes its own ``exp`` (the end factor once per
   end vector; a scalar-decay factor tile once per kind of row); the ideal shares them.
+* ``state``: each chunk as an affine map ``S_next = T S + H`` (``T = Diag + Bᵀ W``, ``K x K``),
+  so the loop is one ``K x K`` by ``K x V`` product per chunk; ``T`` costs ``2 K² C`` more than
+  applying ``W`` and ``Bᵀ`` to the state directly (equal at ``K = C``).
 * the backward (autograd) recomputes nothing and takes no ``exp`` (it reuses ``exp``'s output).
 
 Exponentials exclude the exact redo of sub-blocks whose halves decay by more than
@@ -73,7 +76,11 @@ def torch_plan(transition: Transition, *, chunks: int, heads: int, C: int, K: in
     solve = 2 * C * C * V if general else 0  # A_ak @ v
     triangular = C * (C - 1) * (K + V) if lowrank is not LowRank.NONE else 0
     system_grad = 2 * C * C * (K + V) if lowrank is not LowRank.NONE else 0
-    state = (0 if tied else 2 * C * K * V) + (0 if lowrank is LowRank.NONE else 4 * C * K * V)
+    # k_endᵀ v (none, general); with a rank-one part the affine map T = Diag + Bᵀ W, H += Bᵀ U,
+    # one K x K by K x V product per chunk in the loop, and P = U + W S afterwards.
+    state = 0 if tied else 2 * C * K * V
+    if lowrank is not LowRank.NONE:
+        state += 2 * K * C * K + 2 * K * C * V + 2 * K * K * V + 2 * C * K * V
     output = 2 * C * K * V + 2 * C * C * V + (2 * C * C * V if general else 0)
 
     def stage(fwd: int, *, bwd_extra: int = 0, uncounted: int = 0, exps: int = 0) -> PlanStage:

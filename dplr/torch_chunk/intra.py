@@ -132,14 +132,14 @@ class Pairwise:
         # The pairs whose decay is exp(0) exactly (j = i; j = i - 1 for prev rows) are taken apart
         # and added without the gate: as a product of factors they would pass O(1) gradients into
         # the gate that cancel only up to rounding, swamping its true gradient under strong decay.
+        # (A is a fresh product, so its diagonals can take the terms in place.)
         if rows.prev:
             C = A.shape[-1]
             A = A * torch.ones(C, C, dtype=A.dtype, device=A.device).tril(-2)
-            pair = (x[..., 1:, :] * y[..., :-1, :]).sum(-1)
-            return A + torch.diag_embed(pair, offset=-1)
-        if strict:
-            return A
-        return A + torch.diag_embed((x * y).sum(-1))
+            A.diagonal(-1, -2, -1).add_((x[..., 1:, :] * y[..., :-1, :]).sum(-1))
+        elif not strict:
+            A.diagonal(0, -2, -1).add_((x * y).sum(-1))
+        return A
 
     def _scalar_factor(self, rows) -> torch.Tensor:
         """``exp(G^x_i - G_j)`` for ``j < i``, shared by the matrices whose rows read the same decay."""

@@ -2,7 +2,13 @@
 
 ``S_next = exp(G_C) ⊙ S + k_endᵀ v`` (no rank-one part), ``k_endᵀ P`` (tied: ``P`` replaces
 ``v``), or ``k_endᵀ v + b_endᵀ P`` (general), with ``P = U + W S`` from the solve stage.
-Sequences that have run out of chunks drop off the end of the running prefix (see layout).
+
+Every chunk is an affine map of its initial state, ``S_next = T S + H`` with
+``T = Diag(exp(G_C)) + Bᵀ W`` (``B`` = ``k_end`` tied, ``b_end`` general) and
+``H = k_endᵀ v + Bᵀ U``. ``T`` and ``H`` are formed for all chunks at once, so the sequential
+loop is one small product per step (the loop is bound by per-step overhead on a CPU); ``P`` of
+every chunk follows afterwards in one batched product. Sequences that have run out of chunks
+drop off the end of the running prefix (see layout).
 """
 
 from __future__ import annotations
@@ -36,34 +42,45 @@ def state_pass(
 ) -> States:
     lowrank = transition.lowrank
     decay_end = _state_decay(decays.G_end, transition.decay, v.dtype)
-    # What the chunk writes regardless of its initial state, computed for all chunks at once.
-    written = None if lowrank is LowRank.TIED else intra.k_end.transpose(-1, -2) @ v
     write_key = (intra.b_end if lowrank is LowRank.GENERAL else intra.k_end).transpose(-1, -2)
+    H = None if lowrank is LowRank.TIED else intra.k_end.transpose(-1, -2) @ v
+    T = None
+    if pseudo is not None:
+        H = (
+            write_key @ pseudo.U
+            if H is None
+            else torch.baddbmm(H.flatten(0, 1), write_key.flatten(0, 1), pseudo.U.flatten(0, 1)).view_as(H)
+        )
+        T = write_key @ pseudo.W  # [M, HV, K, K]
+        # + Diag(exp(G_C)) (the identity without decay); T is a fresh product, so in place.
+        diagonal = T.diagonal(0, -2, -1)
+        if decay_end is None:
+            diagonal.add_(1.0)
+        else:
+            diagonal.add_(decay_end.squeeze(-1).expand(diagonal.shape))
 
     state = initial_state[layout.order]
     _, HV, K, V = state.shape
-    starts, pseudos, row = [], [], 0
+    starts, row = [], 0
     for count in layout.steps:
         rows = slice(row, row + count)
         row += count
         current = state[:count]
         starts.append(current)
-        nxt = current if decay_end is None else decay_end[rows] * current
-        if written is not None:
-            nxt = nxt + written[rows]
-        if pseudo is not None:
-            # (count·HV) small matmuls per step; baddbmm fuses the add (the loop is overhead-bound).
-            flat = current.reshape(-1, K, V)
-            p = torch.baddbmm(pseudo.U[rows].flatten(0, 1), pseudo.W[rows].flatten(0, 1), flat)
-            pseudos.append(p.view(count, HV, -1, V))
-            nxt = torch.baddbmm(nxt.reshape(-1, K, V), write_key[rows].flatten(0, 1), p).view(count, HV, K, V)
+        if T is not None:
+            nxt = torch.baddbmm(H[rows].flatten(0, 1), T[rows].flatten(0, 1), current.reshape(-1, K, V))
+            nxt = nxt.view(count, HV, K, V)
+        elif decay_end is not None:
+            nxt = torch.addcmul(H[rows], decay_end[rows], current)
+        else:
+            nxt = H[rows] + current
         state = torch.cat([nxt, state[count:]]) if count < state.shape[0] else nxt
 
     final = torch.empty_like(state).index_copy(0, layout.order, state)
     initial = torch.cat(starts) if starts else state.new_zeros(0, HV, K, V)
     P = None
     if pseudo is not None:
-        P = torch.cat(pseudos) if pseudos else pseudo.U
+        P = torch.baddbmm(pseudo.U.flatten(0, 1), pseudo.W.flatten(0, 1), initial.flatten(0, 1)).view_as(pseudo.U)
     return States(initial=initial, pseudo=P, final=final)
 
 
