@@ -69,10 +69,11 @@ def main() -> None:
     for decay, lowrank in [(2, 1), (1, 1), (2, 2), (2, 0), (0, 1)]:
         prep = dict(H=16, HV=16, K=ns.K, C=ns.C, L=L, LEVELS=(ns.C // L).bit_length() - 1,
                     BK=cfg.BK, DECAY=decay, LOWRANK=lowrank,
-                    PREC=cfg.precision, NS=1)  # fmt: skip
+                    PREC=cfg.precision, STORE_AKK=False, NS=1)  # fmt: skip
         k1 = compile_kernel(chunk_prepare_kernel, prep, ns.warps_prepare or cfg.warps_prepare, ns.dtype)
         state = dict(HV=16, K=ns.K, V=ns.V, KP=triton.next_power_of_2(ns.K), C=ns.C, BV=cfg.BV_state, DECAY=decay,
-                     LOWRANK=lowrank, USE_H0=True, STORE_HT=True, PREC=cfg.precision, NUM_STAGES=cfg.stages_state,
+                     LOWRANK=lowrank, USE_H0=True, STORE_HT=True, STORE_O=True, STORE_STATES=False,
+                     PREC=cfg.precision, NUM_STAGES=cfg.stages_state,
                      NS=cfg.stages_state)  # fmt: skip
         k2 = compile_kernel(chunk_state_kernel, state, cfg.warps_state, ns.dtype)
         print(f"decay={decay} lowrank={lowrank}: prepare [{usage(k1)}]  state [{usage(k2)}]", flush=True)

@@ -69,6 +69,7 @@ class Prepared(NamedTuple):
     A_qb: torch.Tensor
     decay_end: torch.Tensor
     G: torch.Tensor  # cumulative channel decays, fp32 (empty without channel decay)
+    A_kk: torch.Tensor  # tied, for the backward only (else empty)
 
 
 def forward(problem: Problem, chunk_size: int, cfg: configs.ChunkForward | None = None):
@@ -82,8 +83,8 @@ def forward(problem: Problem, chunk_size: int, cfg: configs.ChunkForward | None 
     return state_pass(p, prepare(p, chunk_size, cfg), chunk_size, cfg)
 
 
-def prepare(problem: Problem, chunk_size: int, cfg: configs.ChunkForward) -> Prepared:
-    """Launch 1: every chunk in parallel (stages 1-3)."""
+def prepare(problem: Problem, chunk_size: int, cfg: configs.ChunkForward, *, keep_akk: bool = False) -> Prepared:
+    """Launch 1: every chunk in parallel (stages 1-3); ``keep_akk`` also stores ``A_kk`` (backward)."""
     p = problem
     B, T, H, K = p.q.shape
     HV = p.v.shape[2]
@@ -104,6 +105,7 @@ def prepare(problem: Problem, chunk_size: int, cfg: configs.ChunkForward) -> Pre
         b_end=scratch(K, general), A_qk=scratch(C), A_qb=scratch(C, general),
         decay_end=torch.empty(index.num_chunks, HV, K, device=device, dtype=torch.float32),
         G=torch.empty(B * T if p.transition.decay is Decay.CHANNEL else 0, HV, K, device=device, dtype=torch.float32),
+        A_kk=scratch(C, keep_akk and lowrank is LowRank.TIED, torch.float32),
     )  # fmt: skip
     L = min(16, C)
     # The solve reads its matrix back by rows (L2-resident: written and read by one program).
@@ -115,16 +117,20 @@ def prepare(problem: Problem, chunk_size: int, cfg: configs.ChunkForward) -> Pre
         chunk_prepare_kernel[(index.num_chunks, HV)](
             q, k, dummy if g is None else g, dummy if beta is None else beta,
             dummy if a is None else a, dummy if b is None else b,
-            out.x_start, out.M, out.A_ak, out.q_start, out.k_end, out.b_end, out.A_qk, out.A_qb,
+            out.x_start, out.M, out.A_ak, out.A_kk, out.q_start, out.k_end, out.b_end, out.A_qk, out.A_qb,
             out.decay_end, out.G, scratch_solve, index.chunk_bos, index.chunk_len,
             H=H, HV=HV, K=K, C=C, L=L, LEVELS=int(math.log2(C // L)), BK=cfg.BK,
-            PREC=cfg.precision, num_warps=cfg.warps_prepare, num_stages=1, **constexprs(p.transition),
+            PREC=cfg.precision, STORE_AKK=out.A_kk.numel() > 0, num_warps=cfg.warps_prepare, num_stages=1,
+            **constexprs(p.transition),
         )  # fmt: skip
     return out
 
 
-def state_pass(problem: Problem, prep: Prepared, chunk_size: int, cfg: configs.ChunkForward):
-    """Launch 2: every sequence, value head and value block in parallel (stages 4-5)."""
+def state_pass(
+    problem: Problem, prep: Prepared, chunk_size: int, cfg: configs.ChunkForward, *, states: torch.Tensor | None = None
+):
+    """Launch 2: every sequence, value head and value block in parallel (stages 4-5). With
+    ``states [NT, HV, K, V]`` it stores every chunk's initial state there and skips the output."""
     p = problem
     B, T, _, K = p.q.shape
     HV, V = p.v.shape[2], p.v.shape[3]
@@ -136,10 +142,11 @@ def state_pass(problem: Problem, prep: Prepared, chunk_size: int, cfg: configs.C
         grid = (index.num_seqs, HV, triton.cdiv(V, cfg.BV_state))
         chunk_state_kernel[grid](
             prep.x_start, prep.M, prep.A_ak, prep.q_start, prep.k_end, prep.b_end, prep.A_qk, prep.A_qb, prep.decay_end,
-            _tokens(p.v), o, final if h0 is None else h0, final,
-            index.seq_bos, index.seq_len, index.seq_chunk0, p.scale,
+            _tokens(p.v), final if p.beta is None else _tokens(p.beta), o, final if h0 is None else h0, final,
+            final if states is None else states, index.seq_bos, index.seq_len, index.seq_chunk0, p.scale,
             HV=HV, K=K, V=V, KP=triton.next_power_of_2(K), C=chunk_size, BV=cfg.BV_state,
-            USE_H0=h0 is not None, STORE_HT=True, PREC=cfg.precision, NUM_STAGES=cfg.stages_state,
+            USE_H0=h0 is not None, STORE_HT=True, STORE_O=states is None, STORE_STATES=states is not None,
+            PREC=cfg.precision, NUM_STAGES=cfg.stages_state,
             num_warps=cfg.warps_state, **constexprs(p.transition),
         )  # fmt: skip
     return o, final

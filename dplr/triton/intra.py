@@ -9,9 +9,9 @@ The math is that of :mod:`dplr.torch_chunk` (see its stage files):
   diagonal blocks. Blocks merge pairwise level by level at ``c``, the decay at the end of the
   upper half: ``exp(Gx_i - c) · exp(c - G_j)``, both ``<= 1``. A slice of channels whose
   blocks decay faster than ``HALF_LIMIT`` per half takes the exact element-wise product.
-* tied: ``M = (I + diag(beta) A_kk)⁻¹ diag(beta)``; general: ``M = (I - A_ab)⁻¹``. The state
-  pass forms the pseudo-values from them and the chunk's initial state ``S``:
-  ``P = M (v - (k ⊙ exp(G)) S)`` (tied), ``P = M ((a ⊙ exp(G_prev)) S + A_ak v)`` (general).
+* tied: ``M = (I + diag(beta) A_kk)⁻¹``; general: ``M = (I - A_ab)⁻¹``. The state pass forms
+  the pseudo-values from them and the chunk's initial state ``S``:
+  ``P = M (beta ⊙ (v - (k ⊙ exp(G)) S))`` (tied), ``P = M ((a ⊙ exp(G_prev)) S + A_ak v)`` (general).
 * the inverse: forward substitution inside the ``L``-blocks (exact), then
   ``M ← M - M (N ⊙ off) M``, doubling the block size up to ``C`` (the block formula for
   ``[[A, 0], [N', D]]⁻¹``) on the tensor cores.
@@ -169,16 +169,17 @@ def _unit_lower_inverse(N, scratch, C: tl.constexpr, L: tl.constexpr, LEVELS: tl
 @triton.jit
 def chunk_prepare_kernel(
     q, k, g, beta, a, b,
-    X_START, M_SOLVE, A_AK, Q_START, K_END, B_END, A_QK, A_QB, DECAY_END, G_CUM, SCRATCH,
+    X_START, M_SOLVE, A_AK, A_KK, Q_START, K_END, B_END, A_QK, A_QB, DECAY_END, G_CUM, SCRATCH,
     chunk_bos, chunk_len,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr,
     C: tl.constexpr, L: tl.constexpr, LEVELS: tl.constexpr, BK: tl.constexpr,
-    DECAY: tl.constexpr, LOWRANK: tl.constexpr, PREC: tl.constexpr,
+    DECAY: tl.constexpr, LOWRANK: tl.constexpr, PREC: tl.constexpr, STORE_AKK: tl.constexpr,
 ):  # fmt: skip
     """One (chunk, value head). Inputs token-major: ``q, k, a, b [BT, H, K]``,
     ``g [BT, HV, K]`` or ``[BT, HV]``, ``beta [BT, HV]``. Outputs token-major per value head:
     ``X_START, Q_START, K_END, B_END [BT, HV, K]`` (the rank-one rows as they read the chunk's
-    initial state, ...), ``A_QK, A_QB, A_AK [BT, HV, C]`` and the solve ``M_SOLVE [BT, HV, C]``
+    initial state, ...), ``A_QK, A_QB, A_AK [BT, HV, C]`` (and for the backward ``A_KK``, when
+    ``STORE_AKK``) and the solve ``M_SOLVE [BT, HV, C]``
     fp32 (row i of the chunk's matrix at token i), ``DECAY_END [NT, HV, K] = exp(G_C)`` and (channel decay)
     the cumulative decays ``G_CUM [BT, HV, K]`` fp32; ``SCRATCH [NT, HV, 2, C, C]`` fp32 serves the solve."""
     cid = tl.program_id(0)
@@ -283,6 +284,6 @@ def chunk_prepare_kernel(
             _store_rows(A_AK + hv * C, A_ak, bos, i, valid, HV * C, i, C)
         scratch = SCRATCH + (cid * HV + hv).to(tl.int64) * (2 * C * C)
         M = _unit_lower_inverse(N, scratch, C, L, LEVELS, PREC)
-        if LOWRANK == LOWRANK_TIED:
-            M = M * beta_t[None, :]  # M diag(beta)
         _store_rows(M_SOLVE + hv * C, M, bos, i, valid, HV * C, i, C)
+        if STORE_AKK:
+            _store_rows(A_KK + hv * C, A_kk, bos, i, valid, HV * C, i, C)

@@ -4,7 +4,7 @@ of value columns; the state ``[K, BV]`` stays in registers, in fp32, for the who
 
 Per chunk, with ``X_START, M_SOLVE, K_END, ...`` from :mod:`dplr.triton.intra`:
 
-* the pseudo-values of a rank-one part: tied ``P = M diag(beta) (v - X S)`` with ``X = k ⊙ exp(G)``,
+* the pseudo-values of a rank-one part: tied ``P = M (beta ⊙ (v - X S))`` with ``X = k ⊙ exp(G)``,
   general ``P = M (X S + A_ak v)`` with ``X = a ⊙ exp(G_prev)``;
 * ``O = scale · (Q_START S + A_qk (P | v) [+ A_qb P])``;
 * ``S ← exp(G_C) ⊙ S + K_ENDᵀ (P | v) [+ B_ENDᵀ P]``.
@@ -30,14 +30,16 @@ def _mm(x, y, PREC: tl.constexpr):
 
 @triton.jit
 def chunk_state_kernel(
-    X_START, M_SOLVE, A_AK, Q_START, K_END, B_END, A_QK, A_QB, DECAY_END, v, o, h0, ht,
+    X_START, M_SOLVE, A_AK, Q_START, K_END, B_END, A_QK, A_QB, DECAY_END, v, beta, o, h0, ht, STATES,
     seq_bos, seq_len, seq_chunk0, scale,
     HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, KP: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
     DECAY: tl.constexpr, LOWRANK: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr,
+    STORE_O: tl.constexpr, STORE_STATES: tl.constexpr,
     PREC: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):  # fmt: skip
     """``o [BT, HV, V]``; states ``h0, ht [N, HV, K, V]`` fp32; per-sequence token offset,
-    length and first chunk in ``seq_bos, seq_len, seq_chunk0``."""
+    length and first chunk in ``seq_bos, seq_len, seq_chunk0``. For the backward it can store
+    every chunk's initial state in ``STATES [NT, HV, K, V]`` fp32 (and skip the output)."""
     n = tl.program_id(0)
     hv = tl.program_id(1)
     vb = tl.program_id(2)
@@ -57,6 +59,9 @@ def chunk_state_kernel(
     for c in tl.range(0, tl.cdiv(length, C), num_stages=NUM_STAGES):
         row0 = bos + c * C
         valid = c * C + i < length
+        if STORE_STATES:  # the chunk's initial state, for the backward
+            chunk_state = (((chunk0 + c) * HV + hv) * K + kk[:, None]).to(tl.int64) * V + vcols[None, :]
+            tl.store(STATES + chunk_state, S, mask=state_mask)
         q_start = _load_rows(Q_START + hv * K, row0, i, valid, HV * K, kk, K)
         k_end = _load_rows(K_END + hv * K, row0, i, valid, HV * K, kk, K)
         A_qk = _load_rows(A_QK + hv * C, row0, i, valid, HV * C, i, C)
@@ -65,21 +70,23 @@ def chunk_state_kernel(
             x_c = _load_rows(X_START + hv * K, row0, i, valid, HV * K, kk, K)
             m_c = _load_rows(M_SOLVE + hv * C, row0, i, valid, HV * C, i, C)
             if LOWRANK == LOWRANK_TIED:
-                R = v_c.to(tl.float32) - _mm(x_c, S, PREC)
+                beta_c = tl.load(beta + (row0 + i) * HV + hv, mask=valid, other=0.0).to(tl.float32)
+                R = beta_c[:, None] * (v_c.to(tl.float32) - _mm(x_c, S, PREC))
             else:
                 a_ak = _load_rows(A_AK + hv * C, row0, i, valid, HV * C, i, C)
                 R = _mm(x_c, S, PREC) + _mm(a_ak, v_c, PREC)
             P = tl.dot(m_c, R, input_precision=PREC)  # the solve stays fp32 (tf32 at most)
 
-        out = _mm(q_start, S, PREC)
-        if LOWRANK == LOWRANK_TIED:
-            out += _mm(A_qk, P, PREC)
-        else:
-            out += _mm(A_qk, v_c, PREC)
-        if LOWRANK == LOWRANK_GENERAL:
-            A_qb = _load_rows(A_QB + hv * C, row0, i, valid, HV * C, i, C)
-            out += _mm(A_qb, P, PREC)
-        _store_rows(o + hv * V, out * scale, row0, i, valid, HV * V, vcols, V)
+        if STORE_O:
+            out = _mm(q_start, S, PREC)
+            if LOWRANK == LOWRANK_TIED:
+                out += _mm(A_qk, P, PREC)
+            else:
+                out += _mm(A_qk, v_c, PREC)
+            if LOWRANK == LOWRANK_GENERAL:
+                A_qb = _load_rows(A_QB + hv * C, row0, i, valid, HV * C, i, C)
+                out += _mm(A_qb, P, PREC)
+            _store_rows(o + hv * V, out * scale, row0, i, valid, HV * V, vcols, V)
 
         if DECAY != DECAY_NONE:
             decay = tl.load(DECAY_END + ((chunk0 + c) * HV + hv) * K + kk, mask=kk < K, other=0.0)
