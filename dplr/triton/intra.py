@@ -79,21 +79,26 @@ def _channel_slice(
     strict = same_block & (i[:, None] > i[None, :])
 
     if unsafe:
-        # Exact, column by column: exp(Gx_i - G_j) with j <= i inside one block is <= 1.
+        # Exact, column by column: exp(Gx_i - G_j) with j <= i inside one block is <= 1. The
+        # differences come from fp64 sums: at these decays |G| reaches hundreds inside a chunk,
+        # and fp32 G would give exp(G_i - G_j) a relative error of |G| · 6e-8 (1e-4 here),
+        # which the backward's gate gradient, made of such factors alone, would show.
+        G64 = tl.cumsum(g.to(tl.float64), axis=0)
+        Gp64 = G64 - g
         for j in range(C):
             at_j = (i == j)[:, None]
             col = (i == j)[None, :]
             kj = tl.sum(tl.where(at_j, k, 0.0), axis=0)
-            Gj = tl.sum(tl.where(at_j, G, 0.0), axis=0)
+            Gj = tl.sum(tl.where(at_j, G64, 0.0), axis=0)
             live = (i // L) == (j // L)
-            ex = tl.exp(tl.where((live & (i >= j))[:, None], G - Gj[None, :], float("-inf")))
+            ex = tl.exp(tl.where((live & (i >= j))[:, None], (G64 - Gj[None, :]).to(tl.float32), float("-inf")))
             A_qk = tl.where(col, A_qk + tl.sum(q * kj[None, :] * ex, axis=1)[:, None], A_qk)
             if LOWRANK == LOWRANK_TIED:
                 ex_s = tl.where((i > j)[:, None], ex, 0.0)
                 A_kk = tl.where(col, A_kk + tl.sum(k * kj[None, :] * ex_s, axis=1)[:, None], A_kk)
             if LOWRANK == LOWRANK_GENERAL:
                 bj = tl.sum(tl.where(at_j, b, 0.0), axis=0)
-                ex_p = tl.exp(tl.where((live & (i > j))[:, None], Gp - Gj[None, :], float("-inf")))
+                ex_p = tl.exp(tl.where((live & (i > j))[:, None], (Gp64 - Gj[None, :]).to(tl.float32), float("-inf")))
                 A_ab = tl.where(col, A_ab + tl.sum(a * bj[None, :] * ex_p, axis=1)[:, None], A_ab)
                 A_ak = tl.where(col, A_ak + tl.sum(a * kj[None, :] * ex_p, axis=1)[:, None], A_ak)
                 A_qb = tl.where(col, A_qb + tl.sum(q * bj[None, :] * ex, axis=1)[:, None], A_qb)
@@ -198,7 +203,8 @@ def chunk_prepare_kernel(
     A_ak = tl.zeros((C, C), dtype=tl.float32)
     A_qb = tl.zeros((C, C), dtype=tl.float32)
     if DECAY == DECAY_SCALAR:
-        gs = tl.load(g + (bos + i) * HV + hv, mask=valid, other=0.0).to(tl.float32)
+        # fp64 sums (a C-vector: cheap), for the reason given in _channel_slice's exact path
+        gs = tl.load(g + (bos + i) * HV + hv, mask=valid, other=0.0).to(tl.float64)
         Gs = tl.cumsum(gs, axis=0)
         Gs_end = tl.sum(tl.where(i == C - 1, Gs, 0.0), axis=0)  # the cumsum's own last value: exp(0) for the last token
 
@@ -235,10 +241,12 @@ def chunk_prepare_kernel(
             start = tl.full((C, BK), 1.0, tl.float32)
             to_end = tl.full((C, BK), 1.0, tl.float32)
             if DECAY == DECAY_SCALAR:
-                start = start * tl.exp(Gs)[:, None]
-                to_end = to_end * tl.exp(Gs_end - Gs)[:, None]
+                start = start * tl.exp(Gs.to(tl.float32))[:, None]
+                to_end = to_end * tl.exp((Gs_end - Gs).to(tl.float32))[:, None]
                 tl.store(
-                    DECAY_END + (cid * HV + hv) * K + cols, tl.zeros((BK,), tl.float32) + tl.exp(Gs_end), mask=cols < K
+                    DECAY_END + (cid * HV + hv) * K + cols,
+                    tl.zeros((BK,), tl.float32) + tl.exp(Gs_end.to(tl.float32)),
+                    mask=cols < K,
                 )
         _store_rows(Q_START + hv * K, q_t * start, bos, i, valid, HV * K, cols, K)
         _store_rows(K_END + hv * K, k_t * to_end, bos, i, valid, HV * K, cols, K)
@@ -250,17 +258,17 @@ def chunk_prepare_kernel(
             if DECAY == DECAY_CHANNEL:
                 a_start = a_t * tl.exp(G - g_t)
             elif DECAY == DECAY_SCALAR:
-                a_start = a_t * tl.exp(Gs - gs)[:, None]
+                a_start = a_t * tl.exp((Gs - gs).to(tl.float32))[:, None]
             else:
                 a_start = a_t
             _store_rows(X_START + hv * K, a_start, bos, i, valid, HV * K, cols, K)
 
     if DECAY == DECAY_SCALAR:
         # One decay per token: the pairwise factors form a C x C matrix, exp(G_i - G_j) <= 1.
-        diff = Gs[:, None] - Gs[None, :]
+        diff = (Gs[:, None] - Gs[None, :]).to(tl.float32)
         A_qk = A_qk * tl.exp(tl.where(incl, diff, float("-inf")))
         A_kk = A_kk * tl.exp(tl.where(strict, diff, float("-inf")))
-        diff_prev = diff - gs[:, None]
+        diff_prev = ((Gs - gs)[:, None] - Gs[None, :]).to(tl.float32)
         A_ab = A_ab * tl.exp(tl.where(strict, diff_prev, float("-inf")))
         A_ak = A_ak * tl.exp(tl.where(strict, diff_prev, float("-inf")))
         A_qb = A_qb * tl.exp(tl.where(incl, diff, float("-inf")))
