@@ -16,11 +16,14 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from dplr.triton.chunk_bwd import chunk_grad_keys_kernel, chunk_grad_values_kernel
 from dplr.triton.intra import chunk_prepare_kernel
-from dplr.triton.state import chunk_state_kernel
+from dplr.triton.state import chunk_state_bwd_kernel, chunk_state_kernel
 
 TARGET = GPUTarget("cuda", 90, 32)
-_BF16 = {"q", "k", "v", "a", "b", "X_START", "A_AK", "Q_START", "K_END", "B_END", "A_QK", "A_QB", "o", "g", "beta"}
+# pointers in the inputs' dtype (the rest are fp32 buffers)
+_BF16 = {"q", "k", "v", "a", "b", "g", "beta", "o", "do", "dv"}
+_BF16 |= {"X_START", "A_AK", "Q_START", "K_END", "B_END", "A_QK", "A_QB"}
 _I64 = {"chunk_bos", "seq_bos"}
 _I32 = {"chunk_len", "seq_len", "seq_chunk0"}
 
@@ -58,6 +61,7 @@ def main() -> None:
     ap.add_argument("--C", type=int, default=64)
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     ap.add_argument("--warps-prepare", type=int)
+    ap.add_argument("--backward", action="store_true", help="also the three backward kernels")
     ns = ap.parse_args()
     import torch
 
@@ -77,6 +81,16 @@ def main() -> None:
                      NS=cfg.stages_state)  # fmt: skip
         k2 = compile_kernel(chunk_state_kernel, state, cfg.warps_state, ns.dtype)
         print(f"decay={decay} lowrank={lowrank}: prepare [{usage(k1)}]  state [{usage(k2)}]", flush=True)
+        if ns.backward:
+            state_bwd = {key: state[key] for key in ("HV", "K", "V", "KP", "C", "BV", "DECAY", "LOWRANK", "PREC")}
+            state_bwd.update(USE_DHT=True, STORE_DH0=True, NUM_STAGES=cfg.stages_state, NS=cfg.stages_state)
+            k3 = compile_kernel(chunk_state_bwd_kernel, state_bwd, cfg.warps_state, ns.dtype)
+            values = dict(HV=16, K=ns.K, V=ns.V, KP=triton.next_power_of_2(ns.K), C=ns.C, BV=min(cfg.BV_state, 32),
+                          LOWRANK=lowrank, PREC=cfg.precision, NS=1)  # fmt: skip
+            k4 = compile_kernel(chunk_grad_values_kernel, values, 4, ns.dtype)
+            keys = {key: prep[key] for key in ("H", "HV", "K", "C", "L", "LEVELS", "BK", "DECAY", "LOWRANK", "PREC")}
+            k5 = compile_kernel(chunk_grad_keys_kernel, dict(keys, NS=1), 4, ns.dtype)
+            print(f"  backward: state [{usage(k3)}]  values [{usage(k4)}]  keys [{usage(k5)}]", flush=True)
 
 
 if __name__ == "__main__":

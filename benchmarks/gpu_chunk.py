@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -274,7 +275,9 @@ def main() -> int:
     out_dir = Path(ns.out)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    has_bwd = triton_path.has_backward(64)
+    # The Triton kernels themselves, forward and backward, checked or not (the check is below).
+    os.environ["DPLR_BACKEND"] = "triton"
+    has_bwd = triton_path.has_backward(64, checked_on_gpu=False)
     backward = {"auto": has_bwd, "yes": True, "no": False}[ns.backward]
     result = dict(provenance.environment("cuda"), triton_backward=has_bwd)
     started = time.time()

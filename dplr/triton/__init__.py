@@ -39,11 +39,16 @@ def forward(problem: Problem, chunk_size: int) -> tuple[torch.Tensor, torch.Tens
     return _module(chunk_size).forward(problem, chunk_size)
 
 
-def has_backward(chunk_size: int) -> bool:
+def has_backward(chunk_size: int, *, checked_on_gpu: bool = True) -> bool:
+    """Whether these kernels have a backward; by default only one that has also passed the
+    check against the reference on a GPU (the module's ``BACKWARD_CHECKED_ON_GPU``), which is
+    what ``DPLR_BACKEND=auto`` requires before it trains on them. ``DPLR_BACKEND=triton``
+    runs any backward there is."""
     try:
-        return hasattr(_module(chunk_size), "backward")
+        module = _module(chunk_size)
     except RuntimeError:
         return False
+    return hasattr(module, "backward") and (getattr(module, "BACKWARD_CHECKED_ON_GPU", False) or not checked_on_gpu)
 
 
 def backward(problem: Problem, d_out: torch.Tensor, d_final: torch.Tensor, chunk_size: int) -> tuple:

@@ -3,6 +3,11 @@
 Forward = two launches: :func:`~dplr.triton.intra.chunk_prepare_kernel` (every chunk in
 parallel) and :func:`~dplr.triton.state.chunk_state_kernel` (every sequence, value head and
 block of value columns in parallel; sequential over the chunks of a sequence).
+
+Backward = the same two again (recomputing the per-chunk quantities and storing every chunk's
+initial state), then :func:`~dplr.triton.state.chunk_state_bwd_kernel` (the state's gradient,
+last chunk first), :func:`~dplr.triton.chunk_bwd.chunk_grad_values_kernel` and
+:func:`~dplr.triton.chunk_bwd.chunk_grad_keys_kernel` (every chunk in parallel).
 """
 
 from __future__ import annotations
@@ -18,9 +23,15 @@ from ..engine import Problem
 from ..torch_chunk.layout import sequence_spans
 from ..transition import Decay, LowRank
 from . import configs
+from .chunk_bwd import chunk_grad_keys_kernel, chunk_grad_values_kernel
 from .intra import chunk_prepare_kernel
-from .state import chunk_state_kernel
+from .state import chunk_state_bwd_kernel, chunk_state_kernel
 from .structure import constexprs
+
+# The backward passes the tests under TRITON_INTERPRET=1 and compiles for sm_90, but has not yet
+# been checked against the reference on a GPU (benchmarks/gpu_chunk.py does that): until then
+# DPLR_BACKEND=auto trains on the PyTorch path, and DPLR_BACKEND=triton opts in.
+BACKWARD_CHECKED_ON_GPU = False
 
 
 class ChunkIndex:
@@ -150,3 +161,87 @@ def state_pass(
             num_warps=cfg.warps_state, **constexprs(p.transition),
         )  # fmt: skip
     return o, final
+
+
+def backward(problem: Problem, d_out: torch.Tensor, d_final: torch.Tensor | None, chunk_size: int) -> tuple:
+    """Gradients of ``(q, k, v, g, beta, a, b, initial_state)`` (``None`` for absent inputs), each
+    in its input's dtype. Recomputes the forward's per-chunk quantities and every chunk's initial
+    state, then five launches: the state pass backwards (sequential over chunks), the values'
+    gradients and the keys' (per chunk), and the sums over a key head's value heads."""
+    p, C = problem, chunk_size
+    if p.q.dtype == torch.float64:
+        raise TypeError("the Triton kernels take fp16, bf16 or fp32 inputs; fp64 runs on the PyTorch path")
+    B, T, H, K = p.q.shape
+    HV, V = p.v.shape[2], p.v.shape[3]
+    device, lowrank = p.q.device, p.transition.lowrank
+    cfg = configs.chunk_forward(K=K, V=V, C=C, dtype=p.q.dtype, device=device, lowrank=lowrank.value)
+    prep = prepare(p, C, cfg, keep_akk=True)
+    index, NT, structure = prep.index, B * T, constexprs(p.transition)
+    states = torch.empty(index.num_chunks, HV, K, V, device=device, dtype=torch.float32)
+    state_pass(p, prep, C, cfg, states=states)
+
+    def f32(*shape: int, used: bool = True) -> torch.Tensor:
+        return torch.empty(*shape, device=device, dtype=torch.float32) if used else states.new_empty(0)
+
+    has_rank, general, tied = lowrank is not LowRank.NONE, lowrank is LowRank.GENERAL, lowrank is LowRank.TIED
+    do = _tokens(d_out)
+    d_states = torch.empty_like(states)
+    dh0 = f32(index.num_seqs, HV, K, V)
+    KP = triton.next_power_of_2(K)
+    beta = _tokens(p.beta)
+    if index.num_seqs:
+        chunk_state_bwd_kernel[(index.num_seqs, HV, triton.cdiv(V, cfg.BV_state))](
+            prep.x_start, prep.M, prep.q_start, prep.k_end, prep.b_end, prep.A_qk, prep.A_qb, prep.decay_end,
+            do if beta is None else beta, do, dh0 if d_final is None else d_final.to(torch.float32).contiguous(),
+            dh0, d_states, index.seq_bos, index.seq_len, index.seq_chunk0, p.scale,
+            HV=HV, K=K, V=V, KP=KP, C=C, BV=cfg.BV_state, USE_DHT=d_final is not None, STORE_DH0=True,
+            PREC=cfg.precision, NUM_STAGES=cfg.stages_state, num_warps=cfg.warps_state, **structure,
+        )  # fmt: skip
+
+    dv = torch.empty(NT, HV, V, device=device, dtype=p.v.dtype)
+    # fp32 partial gradients, per token and value head: of the chunk matrices ([.., C]) and of
+    # the decayed vectors ([.., K]), from the values kernel to the keys kernel
+    dA_qk, dA_qb, dA_ak = f32(NT, HV, C), f32(NT, HV, C, used=general), f32(NT, HV, C, used=general)
+    dM = f32(NT, HV, C, used=has_rank)
+    dq_start, dk_end = f32(NT, HV, K), f32(NT, HV, K)
+    db_end, dx = f32(NT, HV, K, used=general), f32(NT, HV, K, used=has_rank)
+    dbeta = f32(NT, HV, used=tied)
+    d_decay = f32(index.num_chunks, HV, K)
+    # the inputs' gradients per value head, summed over a key head's value heads below
+    dq, dk = f32(NT, HV, K), f32(NT, HV, K)
+    da, db = f32(NT, HV, K, used=general), f32(NT, HV, K, used=general)
+    dg = None if p.g is None else f32(NT, HV, *p.g.shape[3:])
+    if index.num_chunks:
+        grid = (index.num_chunks, HV)
+        chunk_grad_values_kernel[grid](
+            _tokens(p.v), do if beta is None else beta, do, states, d_states, prep.x_start, prep.M, prep.A_ak,
+            prep.k_end, prep.b_end, prep.A_qk, prep.A_qb,
+            dv, dA_qk, dA_qb, dA_ak, dM, dq_start, dk_end, db_end, dx, dbeta, d_decay,
+            index.chunk_bos, index.chunk_len, p.scale,
+            HV=HV, K=K, V=V, KP=KP, C=C, BV=min(cfg.BV_state, 32), LOWRANK=structure["LOWRANK"],
+            PREC=cfg.precision, num_warps=4,
+        )  # fmt: skip
+        q, k, g, a, b = (_tokens(x) for x in (p.q, p.k, p.g, p.a, p.b))
+        L = min(16, C)
+        chunk_grad_keys_kernel[grid](
+            q, k, q if g is None else g, q if a is None else a, q if b is None else b, do if beta is None else beta,
+            prep.G, prep.M, prep.A_kk, dA_qk, dA_qb, dA_ak, dM, dq_start, dk_end, db_end, dx, d_decay,
+            prep.decay_end, dbeta, dq, dk, da, db, dq if dg is None else dg,
+            index.chunk_bos, index.chunk_len,
+            H=H, HV=HV, K=K, C=C, L=L, LEVELS=int(math.log2(C // L)), BK=cfg.BK,
+            PREC=cfg.precision, num_warps=4, **structure,
+        )  # fmt: skip
+
+    def key_grad(x: torch.Tensor, like: torch.Tensor | None) -> torch.Tensor | None:
+        """``[BT, HV, K]`` → ``[B, T, H, K]``: a key head's value heads add up."""
+        if like is None:
+            return None
+        return x.view(B, T, H, HV // H, K).sum(3).to(like.dtype)
+
+    return (
+        key_grad(dq, p.q), key_grad(dk, p.k), dv.view(B, T, HV, V),
+        None if dg is None else dg.view(p.g.shape).to(p.g.dtype),
+        None if p.beta is None else dbeta.view(B, T, HV).to(p.beta.dtype),
+        key_grad(da, p.a), key_grad(db, p.b),
+        None if p.initial_state is None else dh0.to(p.initial_state.dtype),
+    )  # fmt: skip

@@ -21,6 +21,7 @@ from .recurrent_fwd import SAVE_CHECKPOINTS, SAVE_EVERY_TOKEN, SAVE_NONE, recurr
 from .structure import constexprs
 
 MAX_HEAD_DIM = 256
+BACKWARD_CHECKED_ON_GPU = True  # benchmarks/results/gpu_recurrent_H200.log
 # Tokens between two state checkpoints in the backward: memory T/CK states per head, and a
 # scratch of CK tiles per program for the recomputed segment.
 CHECKPOINT_EVERY = 64

@@ -101,3 +101,70 @@ def chunk_state_kernel(
 
     if STORE_HT:
         tl.store(ht + state_ptr, S, mask=state_mask)
+
+
+@triton.jit
+def chunk_state_bwd_kernel(
+    X_START, M_SOLVE, Q_START, K_END, B_END, A_QK, A_QB, DECAY_END, beta, do, dht, dh0, DSTATES,
+    seq_bos, seq_len, seq_chunk0, scale,
+    HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, KP: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
+    DECAY: tl.constexpr, LOWRANK: tl.constexpr, USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
+    PREC: tl.constexpr, NUM_STAGES: tl.constexpr,
+):  # fmt: skip
+    """The state pass backwards: ``dS`` is the gradient of the state after the chunk; per chunk
+    (last first) it is stored in ``DSTATES [NT, HV, K, V]`` and carried to the chunk's start:
+
+    * tied: ``dP = A_qkᵀ dO' + K_END dS``, ``dR = beta ⊙ (Mᵀ dP)``, ``dS ← exp(G_C) ⊙ dS + Q_STARTᵀ dO' - Xᵀ dR``;
+    * general: ``dP = A_qbᵀ dO' + B_END dS``, ``dS ← exp(G_C) ⊙ dS + Q_STARTᵀ dO' + Xᵀ (Mᵀ dP)``;
+    * none: ``dS ← exp(G_C) ⊙ dS + Q_STARTᵀ dO'``,
+
+    with ``dO' = scale · dO``; ``dh0`` is the gradient of the initial state."""
+    n = tl.program_id(0)
+    hv = tl.program_id(1)
+    vb = tl.program_id(2)
+    bos = tl.load(seq_bos + n).to(tl.int64)
+    length = tl.load(seq_len + n)
+    chunk0 = tl.load(seq_chunk0 + n)
+    i = tl.arange(0, C)
+    kk = tl.arange(0, KP)
+    vcols = vb * BV + tl.arange(0, BV)
+    state_mask = (kk < K)[:, None] & (vcols < V)[None, :]
+    state_ptr = ((n * HV + hv) * K + kk[:, None]).to(tl.int64) * V + vcols[None, :]
+
+    dS = tl.zeros((KP, BV), dtype=tl.float32)
+    if USE_DHT:
+        dS += tl.load(dht + state_ptr, mask=state_mask, other=0.0).to(tl.float32)
+    chunks = tl.cdiv(length, C)
+    for back in tl.range(0, chunks, num_stages=NUM_STAGES):
+        c = chunks - 1 - back
+        row0 = bos + c * C
+        valid = c * C + i < length
+        chunk_state = (((chunk0 + c) * HV + hv) * K + kk[:, None]).to(tl.int64) * V + vcols[None, :]
+        tl.store(DSTATES + chunk_state, dS, mask=state_mask)
+        do_c = (_load_rows(do + hv * V, row0, i, valid, HV * V, vcols, V).to(tl.float32) * scale).to(
+            do.dtype.element_ty
+        )
+        q_start = _load_rows(Q_START + hv * K, row0, i, valid, HV * K, kk, K)
+        carry = _mm(tl.trans(q_start), do_c, PREC)
+        if LOWRANK != LOWRANK_NONE:
+            x_c = _load_rows(X_START + hv * K, row0, i, valid, HV * K, kk, K)
+            m_c = _load_rows(M_SOLVE + hv * C, row0, i, valid, HV * C, i, C)
+            if LOWRANK == LOWRANK_TIED:
+                A_qk = _load_rows(A_QK + hv * C, row0, i, valid, HV * C, i, C)
+                k_end = _load_rows(K_END + hv * K, row0, i, valid, HV * K, kk, K)
+                dP = _mm(tl.trans(A_qk), do_c, PREC) + _mm(k_end, dS, PREC)
+                beta_c = tl.load(beta + (row0 + i) * HV + hv, mask=valid, other=0.0).to(tl.float32)
+                dR = beta_c[:, None] * tl.dot(tl.trans(m_c), dP, input_precision=PREC)
+                carry -= _mm(tl.trans(x_c), dR, PREC)
+            else:
+                A_qb = _load_rows(A_QB + hv * C, row0, i, valid, HV * C, i, C)
+                b_end = _load_rows(B_END + hv * K, row0, i, valid, HV * K, kk, K)
+                dP = _mm(tl.trans(A_qb), do_c, PREC) + _mm(b_end, dS, PREC)
+                carry += _mm(tl.trans(x_c), tl.dot(tl.trans(m_c), dP, input_precision=PREC), PREC)
+        if DECAY != DECAY_NONE:
+            decay = tl.load(DECAY_END + ((chunk0 + c) * HV + hv) * K + kk, mask=kk < K, other=0.0)
+            dS = decay[:, None] * dS
+        dS += carry
+
+    if STORE_DH0:
+        tl.store(dh0 + state_ptr, dS, mask=state_mask)

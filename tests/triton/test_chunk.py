@@ -1,6 +1,6 @@
-"""The Triton chunk kernels (forward) against the fp64 reference. Without a GPU they run under
-TRITON_INTERPRET=1 on CPU tensors in fp32, so the shapes are tiny; benchmarks/gpu_chunk.py
-repeats the check at full size on the GPU."""
+"""The Triton chunk kernels, forward and backward, against the fp64 reference. Without a GPU
+they run under TRITON_INTERPRET=1 on CPU tensors in fp32, so the shapes are tiny;
+benchmarks/gpu_chunk.py repeats the check at full size on the GPU."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import torch
 
 pytest.importorskip("triton")
 
-from dplr.testing import make_inputs, op, reference, rel_err
+from dplr.testing import make_inputs
 from dplr.transition import FAMILIES
-from tests.helpers import TOL
+from tests.helpers import TOL, run_and_compare
 from tests.triton import INTERPRET
 
 DEVICE = "cpu" if INTERPRET else "cuda"
@@ -22,13 +22,10 @@ def _triton_backend(monkeypatch):
     monkeypatch.setenv("DPLR_BACKEND", "triton")
 
 
-def check(name: str, chunk_size: int, **shape) -> None:
-    args = make_inputs(name, dtype=torch.float32, device=DEVICE, output_final_state=True, **shape)
-    o, final = op(name, "chunk")(**args, chunk_size=chunk_size)
-    ref_o, ref_final = reference(name, {k: x.cpu() if isinstance(x, torch.Tensor) else x for k, x in args.items()})
-    assert o.dtype == args["v"].dtype and final.dtype == torch.float32
-    assert rel_err(o.cpu(), ref_o) < TOL[torch.float32]
-    assert rel_err(final.cpu(), ref_final) < TOL[torch.float32]
+def check(name: str, chunk_size: int, **shape) -> dict:
+    """Output, final state and the gradient of every input (initial state included)."""
+    args = make_inputs(name, dtype=torch.float32, device=DEVICE, **shape)
+    return run_and_compare(name, "chunk", dict(args, chunk_size=chunk_size), TOL[torch.float32])
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
@@ -40,11 +37,28 @@ def test_varlen_gva_odd_lengths(name):
 
 @pytest.mark.parametrize("name", ["gla", "kda", "dplr_delta_rule", "gated_delta_rule"])
 def test_strong_decay(name):
-    """-30..-60 per step: the sub-blocks take the exact path; outputs stay finite and exact."""
+    """-30..-60 per step: the sub-blocks take the exact path; outputs and gradients stay finite
+    and exact (the pairs at distance 0 pass no gradient to the gate)."""
     check(name, 32, B=1, T=40, H=1, HV=1, K=16, V=16, gate="strong")
 
 
 @pytest.mark.parametrize("chunk_size", [32, 64])
-def test_chunk_sizes_and_sliced_channels(chunk_size):
-    """Several sub-block merge levels; K = 80 runs as two masked channel slices."""
-    check("kda", chunk_size, B=2, T=70, H=1, HV=1, K=80, V=24)
+@pytest.mark.parametrize("name", ["kda", "rwkv7"])
+def test_chunk_sizes_and_sliced_channels(name, chunk_size):
+    """Several sub-block merge levels; K = 80 runs as two masked channel slices, V = 40 as two
+    masked blocks of value columns."""
+    check(name, chunk_size, B=2, T=70, H=1, HV=1, K=80, V=40)
+
+
+def test_batch_of_equal_sequences_without_initial_state():
+    check("gated_delta_rule", 16, B=3, T=33, H=2, HV=4, K=16, V=8, initial_state=False)
+
+
+def test_auto_backend_trains_only_on_backwards_checked_on_a_gpu():
+    """``DPLR_BACKEND=auto`` picks a Triton backward only once it has passed on a GPU."""
+    from dplr import triton as triton_path
+    from dplr.triton import chunk, recurrent
+
+    assert triton_path.has_backward(64, checked_on_gpu=False)
+    assert triton_path.has_backward(64) == chunk.BACKWARD_CHECKED_ON_GPU
+    assert triton_path.has_backward(triton_path.RECURRENT_CHUNK) == recurrent.BACKWARD_CHECKED_ON_GPU
