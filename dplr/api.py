@@ -10,10 +10,17 @@ Common shapes: ``q, k [B, T, H, K]``; ``v [B, T, HV, V]`` (``HV`` a multiple of 
 value heads); ``initial_state`` and the final state ``[N, HV, K, V]`` (fp32; fp64 for fp64
 inputs); ``cu_seqlens [N + 1]`` packs ``N`` sequences along ``T`` with ``B == 1``. Every op
 returns ``Output(output [B, T, HV, V] in v's dtype, final_state or None)``.
+
+``chunk_gla``, ``chunk_kda``, ``chunk_dplr_delta_rule`` and their ``fused_recurrent_*`` twins
+take ``gv [B, T, HV, V]``, a log decay (``<= 0``) per value channel that scales the state's
+columns after the key-side transition: ``S_t = (Diag(exp(g_t)) + b_t a_tᵀ) S_{t-1}
+Diag(exp(gv_t)) + k_t v_tᵀ`` (docs/value-decay.md). Only the PyTorch path runs it: with
+``DPLR_BACKEND=auto`` such calls go there on any device; ``DPLR_BACKEND=triton`` raises.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 
 import torch
@@ -101,6 +108,13 @@ def prepare(name: str, mode: str, args: dict) -> Problem:
     elif in_kernel_gate:
         raise ValueError(f"use_gate_in_kernel needs a gate; {name} has none")
 
+    # The value-side decay (a plain log decay: no in-kernel gate, no lower_bound).
+    gv = args.get("gv")
+    if gv is not None:
+        checks.check_shaped("gv", gv, "B T HV V", dims, q)
+        checks.check_log_decay("gv", gv)
+        transition = dataclasses.replace(transition, value_decay=True)
+
     # The rank-one part.
     beta = a = b = None
     if transition.lowrank is LowRank.TIED:
@@ -133,6 +147,7 @@ def prepare(name: str, mode: str, args: dict) -> Problem:
         scale=float(scale),
         initial_state=args["initial_state"],
         cu_seqlens=host_cu,
+        gv=gv,
     )
 
 
@@ -163,12 +178,27 @@ def _dispatch(problem: Problem, mode: str, chunk_size: int) -> tuple[torch.Tenso
         backend = "triton" if _triton_suits(problem, kernel_chunk) else "torch"
     elif backend == "triton" and not _triton_available():
         raise RuntimeError("DPLR_BACKEND=triton, but triton does not import")
+    elif backend == "triton" and torch_only(problem):
+        raise NotImplementedError(
+            f"DPLR_BACKEND=triton: the Triton kernels do not support {torch_only(problem)}; "
+            "use DPLR_BACKEND=auto (which sends such calls to the PyTorch path) or torch"
+        )
     return library.dispatch(problem, kernel_chunk, backend)
 
 
+def torch_only(problem: Problem) -> str | None:
+    """What in a call only the PyTorch path runs (named for the error), or ``None``."""
+    if problem.transition.value_decay:
+        return "gv (the value-side decay)"
+    return None
+
+
 def _triton_suits(problem: Problem, chunk_size: int) -> bool:
-    """CUDA tensors in 16/32-bit floats, and a Triton backward if a gradient will be asked for."""
+    """CUDA tensors in 16/32-bit floats, a structure the kernels have, and a Triton backward if
+    a gradient will be asked for."""
     if not (problem.q.is_cuda and problem.q.dtype != torch.float64 and _triton_available()):
+        return False
+    if torch_only(problem):
         return False
     from . import triton as triton_path
 
@@ -210,6 +240,7 @@ def chunk_gla(
     v,
     g,
     *,
+    gv=None,
     scale=None,
     initial_state=None,
     output_final_state=False,
@@ -217,7 +248,9 @@ def chunk_gla(
     cu_seqlens_cpu=None,
     chunk_size=DEFAULT_CHUNK_SIZE,
 ) -> Output:
-    """Gated linear attention (GLA, RWKV-6-like): ``g [B, T, HV, K]``, a log decay per key channel."""
+    """Gated linear attention (GLA, RWKV-6-like): ``g [B, T, HV, K]``, a log decay per key channel.
+    ``gv [B, T, HV, V]`` (optional) adds a log decay per value channel, ``S ← Diag(exp(g)) S
+    Diag(exp(gv)) + k vᵀ`` (GLA's general outer-product gate); PyTorch path only (see the module)."""
     return _run("gla", CHUNK, locals())
 
 
@@ -273,6 +306,7 @@ def chunk_kda(
     g,
     beta,
     *,
+    gv=None,
     scale=None,
     initial_state=None,
     output_final_state=False,
@@ -292,7 +326,9 @@ def chunk_kda(
     ``beta [B, T, HV]``. With ``use_gate_in_kernel`` ``g`` is raw and goes through
     :func:`dplr.preprocess.kda_gate` (``A_log [HV]``, ``dt_bias [HV*K]``, optional ``lower_bound``).
     Without it, ``lower_bound`` is a promise ``g >= lower_bound`` (checked on CPU). dplr is exact for
-    any gate; ``safe_gate`` is accepted for compatibility and changes nothing numerically."""
+    any gate; ``safe_gate`` is accepted for compatibility and changes nothing numerically.
+    ``gv [B, T, HV, V]`` (optional, a plain log decay) decays the value channels too:
+    ``S ← (I - beta k kᵀ) Diag(exp(g)) S Diag(exp(gv)) + beta k vᵀ``; PyTorch path only (see the module)."""
     return _run("kda", CHUNK, locals())
 
 
@@ -304,6 +340,7 @@ def chunk_dplr_delta_rule(
     b,
     gk,
     *,
+    gv=None,
     scale=None,
     initial_state=None,
     output_final_state=False,
@@ -314,7 +351,9 @@ def chunk_dplr_delta_rule(
     chunk_size=DEFAULT_CHUNK_SIZE,
 ) -> Output:
     """General DPLR: ``S ← Diag(exp(gk)) S + b (aᵀ S) + k vᵀ``, ``a, b [B, T, H, K]``, ``gk [B, T, HV, K]``.
-    ``lower_bound`` is a promise ``gk >= lower_bound`` (checked on CPU); any gate is exact."""
+    ``lower_bound`` is a promise ``gk >= lower_bound`` (checked on CPU); any gate is exact.
+    ``gv [B, T, HV, V]`` (optional) decays the value channels too: ``S ← (Diag(exp(gk)) + b aᵀ) S
+    Diag(exp(gv)) + k vᵀ``; PyTorch path only (see the module)."""
     return _run("dplr_delta_rule", CHUNK, locals())
 
 
@@ -363,13 +402,14 @@ def fused_recurrent_gla(
     v,
     g,
     *,
+    gv=None,
     scale=None,
     initial_state=None,
     output_final_state=False,
     cu_seqlens=None,
     cu_seqlens_cpu=None,
 ) -> Output:
-    """:func:`chunk_gla`, token by token."""
+    """:func:`chunk_gla`, token by token (``gv`` as there: PyTorch path only)."""
     return _run("gla", RECURRENT, locals())
 
 
@@ -422,6 +462,7 @@ def fused_recurrent_kda(
     g,
     beta,
     *,
+    gv=None,
     scale=None,
     initial_state=None,
     output_final_state=False,
@@ -436,7 +477,7 @@ def fused_recurrent_kda(
     cu_seqlens=None,
     cu_seqlens_cpu=None,
 ) -> Output:
-    """:func:`chunk_kda`, token by token."""
+    """:func:`chunk_kda`, token by token (``gv`` as there: PyTorch path only)."""
     return _run("kda", RECURRENT, locals())
 
 
@@ -448,6 +489,7 @@ def fused_recurrent_dplr_delta_rule(
     b,
     gk,
     *,
+    gv=None,
     scale=None,
     initial_state=None,
     output_final_state=False,
@@ -456,7 +498,7 @@ def fused_recurrent_dplr_delta_rule(
     cu_seqlens=None,
     cu_seqlens_cpu=None,
 ) -> Output:
-    """:func:`chunk_dplr_delta_rule`, token by token."""
+    """:func:`chunk_dplr_delta_rule`, token by token (``gv`` as there: PyTorch path only)."""
     return _run("dplr_delta_rule", RECURRENT, locals())
 
 

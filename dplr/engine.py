@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .torch_chunk.cumsum import chunk_decays
-from .torch_chunk.intra import SUB, intra_chunk
+from .torch_chunk.intra import SUB, column_decay, intra_chunk
 from .torch_chunk.layout import ChunkLayout
 from .torch_chunk.output import chunk_output
 from .torch_chunk.solve import pseudo_values
@@ -27,7 +27,8 @@ class Problem:
 
     ``q, k [B,T,H,K]``, ``v [B,T,HV,V]``; ``g`` log decay ``[B,T,HV]`` or ``[B,T,HV,K]`` (or
     ``None``); ``beta [B,T,HV]`` for tied transitions; ``a, b [B,T,H,K]`` for general ones;
-    ``initial_state [N,HV,K,V]`` or ``None``; ``cu_seqlens`` as host integers or ``None``.
+    ``initial_state [N,HV,K,V]`` or ``None``; ``cu_seqlens`` as host integers or ``None``;
+    ``gv [B,T,HV,V]`` the value-side log decay when ``transition.value_decay``, else ``None``.
     """
 
     transition: Transition
@@ -41,6 +42,7 @@ class Problem:
     scale: float
     initial_state: torch.Tensor | None
     cu_seqlens: list[int] | None
+    gv: torch.Tensor | None = None
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -64,11 +66,13 @@ def chunk_fwd(problem: Problem, *, chunk_size: int) -> tuple[torch.Tensor, torch
     B, T = p.q.shape[:2]
     layout = ChunkLayout.build(batch=B, seq_len=T, cu_seqlens=p.cu_seqlens, chunk_size=chunk_size, device=p.q.device)
     q, k, a, b = (expand_heads(layout.gather(x, dtype), HV, dim=1) for x in (p.q, p.k, p.a, p.b))
-    v, g, beta = (layout.gather(x, dtype) for x in (p.v, p.g, p.beta))
+    v, g, beta, gv = (layout.gather(x, dtype) for x in (p.v, p.g, p.beta, p.gv))
 
     decays = chunk_decays(g, sub=min(SUB, chunk_size))
+    value_decays = chunk_decays(gv, sub=min(SUB, chunk_size))
     intra = intra_chunk(p.transition, q=q, k=k, a=a, b=b, decays=decays)
-    pseudo = pseudo_values(p.transition, intra=intra, v=v, beta=beta)
+    columns = column_decay(value_decays, dtype=dtype)
+    pseudo = pseudo_values(p.transition, intra=intra, v=v, beta=beta, columns=columns)
     states = state_pass(
         p.transition,
         layout=layout,
@@ -77,6 +81,7 @@ def chunk_fwd(problem: Problem, *, chunk_size: int) -> tuple[torch.Tensor, torch
         v=v,
         pseudo=pseudo,
         initial_state=p.start_state(),
+        columns=columns,
     )
-    out = chunk_output(p.transition, intra=intra, states=states, v=v, scale=p.scale)
+    out = chunk_output(p.transition, intra=intra, states=states, v=v, scale=p.scale, columns=columns)
     return layout.scatter(out, p.v.shape), states.final

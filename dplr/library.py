@@ -19,7 +19,7 @@ from .transition import Decay, LowRank, Transition
 
 RECURRENT_CHUNK = 0  # the chunk_size that selects the token-by-token path
 
-_INPUTS = ("q", "k", "v", "g", "beta", "a", "b", "initial_state")
+_INPUTS = ("q", "k", "v", "g", "beta", "a", "b", "initial_state", "gv")  # the op's tensor arguments, in order
 
 
 def run(problem: Problem, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,10 +40,10 @@ def _forward(backend: str, problem: Problem, chunk_size: int) -> tuple[torch.Ten
     return o.to(problem.v.dtype), final
 
 
-def _problem(q, k, v, g, beta, a, b, initial_state, cu_seqlens, scale, decay, lowrank) -> Problem:
+def _problem(q, k, v, g, beta, a, b, initial_state, gv, cu_seqlens, scale, decay, lowrank) -> Problem:
     return Problem(
-        transition=Transition(Decay(decay), LowRank(lowrank)), q=q, k=k, v=v, g=g, beta=beta, a=a, b=b,
-        scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens,
+        transition=Transition(Decay(decay), LowRank(lowrank), value_decay=gv is not None), q=q, k=k, v=v, g=g,
+        beta=beta, a=a, b=b, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens, gv=gv,
     )  # fmt: skip
 
 
@@ -57,6 +57,7 @@ def recurrence_op(
     a: torch.Tensor | None,
     b: torch.Tensor | None,
     initial_state: torch.Tensor | None,
+    gv: torch.Tensor | None,
     cu_seqlens: list[int] | None,
     scale: float,
     decay: str,
@@ -64,12 +65,12 @@ def recurrence_op(
     chunk_size: int,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    problem = _problem(q, k, v, g, beta, a, b, initial_state, cu_seqlens, scale, decay, lowrank)
+    problem = _problem(q, k, v, g, beta, a, b, initial_state, gv, cu_seqlens, scale, decay, lowrank)
     return _forward(backend, problem, chunk_size)
 
 
 @recurrence_op.register_fake
-def _(q, k, v, g, beta, a, b, initial_state, cu_seqlens, scale, decay, lowrank, chunk_size, backend):
+def _(q, k, v, g, beta, a, b, initial_state, gv, cu_seqlens, scale, decay, lowrank, chunk_size, backend):
     B, T, _, K = q.shape
     HV, V = v.shape[2], v.shape[3]
     N = B if cu_seqlens is None else len(cu_seqlens) - 1
@@ -100,6 +101,7 @@ def recurrence_backward_op(
     a: torch.Tensor | None,
     b: torch.Tensor | None,
     initial_state: torch.Tensor | None,
+    gv: torch.Tensor | None,
     d_out: torch.Tensor,
     d_final: torch.Tensor,
     cu_seqlens: list[int] | None,
@@ -109,13 +111,14 @@ def recurrence_backward_op(
     chunk_size: int,
     backend: str,
 ) -> list[torch.Tensor]:
-    """Gradients for the eight tensor inputs (an empty tensor for an absent one)."""
-    inputs = (q, k, v, g, beta, a, b, initial_state)
+    """Gradients for the nine tensor inputs (an empty tensor for an absent one)."""
+    inputs = (q, k, v, g, beta, a, b, initial_state, gv)
     if backend == "triton":
         from . import triton as triton_path
 
         problem = _problem(*inputs, cu_seqlens, scale, decay, lowrank)
-        grads = triton_path.backward(problem, d_out, d_final, chunk_size)
+        # The Triton kernels take no gv (api's dispatch sends such calls to the PyTorch path).
+        grads = (*triton_path.backward(problem, d_out, d_final, chunk_size), None)
     else:
         leaves = [None if t is None else t.detach().requires_grad_(True) for t in inputs]
         with _autograd_inside_op(), torch.enable_grad():
@@ -131,20 +134,21 @@ def recurrence_backward_op(
 
 
 @recurrence_backward_op.register_fake
-def _(q, k, v, g, beta, a, b, initial_state, d_out, d_final, cu_seqlens, scale, decay, lowrank, chunk_size, backend):
-    return [q.new_empty(0) if t is None else torch.empty_like(t) for t in (q, k, v, g, beta, a, b, initial_state)]
+def _(q, k, v, g, beta, a, b, initial_state, gv, d_out, d_final, cu_seqlens, scale, decay, lowrank, chunk_size,
+      backend):  # fmt: skip
+    return [q.new_empty(0) if t is None else torch.empty_like(t) for t in (q, k, v, g, beta, a, b, initial_state, gv)]
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:8])
-    ctx.options = inputs[8:]
+    ctx.save_for_backward(*inputs[: len(_INPUTS)])
+    ctx.options = inputs[len(_INPUTS) :]
 
 
 def _backward(ctx, d_out, d_final):
     tensors = ctx.saved_tensors
     grads = recurrence_backward_op(*tensors, d_out, d_final, *ctx.options)
     result = [None if t is None else grad for t, grad in zip(tensors, grads, strict=True)]
-    return (*result, None, None, None, None, None, None)
+    return (*result, *(None for _ in ctx.options))
 
 
 recurrence_op.register_autograd(_backward, setup_context=_setup_context)
@@ -156,6 +160,6 @@ def dispatch(problem: Problem, chunk_size: int, backend: str) -> tuple[torch.Ten
         return run(problem, chunk_size)
     p = problem
     return recurrence_op(
-        p.q, p.k, p.v, p.g, p.beta, p.a, p.b, p.initial_state, p.cu_seqlens, p.scale,
+        p.q, p.k, p.v, p.g, p.beta, p.a, p.b, p.initial_state, p.gv, p.cu_seqlens, p.scale,
         p.transition.decay.value, p.transition.lowrank.value, chunk_size, backend,
     )  # fmt: skip

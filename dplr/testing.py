@@ -40,6 +40,7 @@ def make_inputs(
     gate: str = "normal",
     cu_seqlens: list[int] | None = None,
     initial_state: bool = True,
+    value_decay: bool = False,
     seed: int = 0,
     **options,
 ) -> dict:
@@ -49,6 +50,8 @@ def make_inputs(
     around it, the numerics stress test) or ``"weak"`` (close to 0). Delta-rule keys are
     l2-normalised (the transition is a contraction only then); ``a, b`` follow RWKV-7
     (``a = -κ̂``, ``b = κ̂ ⊙ σ``). With ``cu_seqlens``, ``B`` must be 1 and ``T`` its end.
+    ``value_decay`` adds ``gv [B, T, HV, V]`` drawn like the gate (after everything else, so the
+    other tensors are those of the same call without it).
     """
     family = FAMILIES[name]
     HV = HV or H
@@ -87,6 +90,8 @@ def make_inputs(
         args["dt_bias"] = 0.5 * randn(HV * K if decay is Decay.CHANNEL else HV)
     if initial_state:
         args["initial_state"] = 0.5 * randn(N, HV, K, V)
+    if value_decay:
+        args["gv"] = log_decay(B, T, HV, V)
     if name == "rwkv7":
         args["r"], args["w"] = args.pop("q"), args.pop("g")
     elif name == "dplr_delta_rule":
@@ -116,7 +121,7 @@ def reference(name: str, args: dict) -> Output:
     wide.setdefault("output_final_state", True)
     full = _with_defaults(name, wide)
     p = api.prepare(name, api.CHUNK, full)
-    gen = to_general(p.transition, k=p.k, v=p.v, g=p.g, beta=p.beta, a=p.a, b=p.b)
+    gen = to_general(p.transition, k=p.k, v=p.v, g=p.g, beta=p.beta, a=p.a, b=p.b, gv=p.gv)
     cu = None if p.cu_seqlens is None else torch.tensor(p.cu_seqlens)
     return recurrence(
         p.q,
@@ -125,6 +130,7 @@ def reference(name: str, args: dict) -> Output:
         gen["g"],
         gen["a"],
         gen["b"],
+        gv=gen["gv"],
         scale=p.scale,
         initial_state=p.initial_state,
         cu_seqlens=cu,

@@ -27,9 +27,11 @@ def step(
     a: torch.Tensor | None,
     b: torch.Tensor | None,
     scale: float,
+    gv: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One token: ``state [..., K, V]``; ``q, k, a, b [..., K]``, ``v [..., V]``, ``g [...]`` or
-    ``[..., K]``, ``beta [...]``. Returns ``(o [..., V], new state)``."""
+    ``[..., K]``, ``beta [...]``, ``gv [..., V]`` (with ``transition.value_decay``).
+    Returns ``(o [..., V], new state)``."""
 
     def read(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:  # xᵀ S
         return (x[..., None, :] @ s).squeeze(-2)
@@ -40,10 +42,12 @@ def step(
         state = torch.exp(g)[..., None, None] * state
     elif transition.decay is Decay.CHANNEL:
         state = torch.exp(g)[..., None] * state
+    if transition.lowrank is LowRank.GENERAL:
+        state = state + b[..., :, None] * x[..., None, :]
+    if transition.value_decay:
+        state = state * torch.exp(gv)[..., None, :]  # the columns decay after the key-side transition
     if transition.lowrank is LowRank.TIED:
         v = beta[..., None] * (v - read(k, state))  # the delta rule's corrected value
-    elif transition.lowrank is LowRank.GENERAL:
-        state = state + b[..., :, None] * x[..., None, :]
     state = state + k[..., :, None] * v[..., None, :]
     return read(q, state) * scale, state
 
@@ -59,7 +63,7 @@ def recurrent_fwd(problem: Problem) -> tuple[torch.Tensor, torch.Tensor]:
         batch=B, seq_len=T, cu_seqlens=p.cu_seqlens, chunk_size=max(longest, 1), device=p.q.device
     )
     q, k, a, b = (expand_heads(layout.gather(x, dtype), HV, dim=1) for x in (p.q, p.k, p.a, p.b))
-    v, g, beta = (layout.gather(x, dtype) for x in (p.v, p.g, p.beta))
+    v, g, beta, gv = (layout.gather(x, dtype) for x in (p.v, p.g, p.beta, p.gv))
 
     states = p.start_state()[layout.order]
     running = layout.num_chunks  # sequences with at least one token come first in `order`
@@ -76,6 +80,7 @@ def recurrent_fwd(problem: Problem) -> tuple[torch.Tensor, torch.Tensor]:
             a=None if a is None else a[:, :, t],
             b=None if b is None else b[:, :, t],
             scale=p.scale,
+            gv=None if gv is None else gv[:, :, t],
         )
         outs.append(o)
     final = torch.cat([state, states[running:]])

@@ -2,13 +2,15 @@
 
 Every op computes, per value head, with a state ``S_t`` of shape ``[K, V]``::
 
-    S_t = Diag(exp(g_t)) S_{t-1} + b_t (a_tᵀ S_{t-1}) + k_t v_tᵀ,      o_t = S_tᵀ (scale · q_t)
+    S_t = (Diag(exp(g_t)) + b_t a_tᵀ) S_{t-1} Diag(exp(gv_t)) + k_t v_tᵀ,      o_t = S_tᵀ (scale · q_t)
 
 A :class:`Transition` says which parts are present: the decay ``g`` (none, one scalar per
-head, or one value per key channel) and the rank-one part ``b aᵀ`` (none, tied to the key as
-in the delta rule, or free). :data:`FAMILIES` is the table that names the members; the
-function :func:`to_general` writes a member's tensors as the arguments of the general
-recurrence, which is how the tests state that every named op *is* that recurrence.
+head, or one value per key channel), the rank-one part ``b aᵀ`` (none, tied to the key as
+in the delta rule, or free) and the value-side decay ``gv`` (one log decay per value channel,
+scaling the state's columns; absent, ``Diag(exp(gv))`` is the identity). :data:`FAMILIES` is
+the table that names the members; the function :func:`to_general` writes a member's tensors as
+the arguments of the general recurrence, which is how the tests state that every named op *is*
+that recurrence.
 """
 
 from __future__ import annotations
@@ -35,9 +37,11 @@ class LowRank(enum.Enum):
 class Transition:
     decay: Decay
     lowrank: LowRank
+    value_decay: bool = False  # gv [B, T, HV, V]: the state's columns decay too (outer-product decay)
 
     def __str__(self) -> str:
-        return f"decay={self.decay.value}, lowrank={self.lowrank.value}"
+        text = f"decay={self.decay.value}, lowrank={self.lowrank.value}"
+        return f"{text}, value_decay" if self.value_decay else text
 
 
 @dataclass(frozen=True)
@@ -62,7 +66,7 @@ FAMILIES: dict[str, Family] = {
     )
 }
 
-ALL_TRANSITIONS = tuple(Transition(d, r) for d in Decay for r in LowRank)
+ALL_TRANSITIONS = tuple(Transition(d, r) for d in Decay for r in LowRank)  # the key side; gv adds to any of them
 
 
 def expand_heads(x: torch.Tensor | None, heads: int, dim: int = 2) -> torch.Tensor | None:
@@ -81,8 +85,9 @@ def to_general(
     beta: torch.Tensor | None = None,
     a: torch.Tensor | None = None,
     b: torch.Tensor | None = None,
+    gv: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor | None]:
-    """The arguments ``(k, v, g, a, b)`` of the general recurrence for a member's tensors.
+    """The arguments ``(k, v, g, a, b, gv)`` of the general recurrence for a member's tensors.
 
     ``k [B,T,H,K]``, ``v [B,T,HV,V]``, ``g`` scalar ``[B,T,HV]`` or channel ``[B,T,HV,K]``,
     ``beta [B,T,HV]`` (tied), ``a, b [B,T,H,K]`` (general). The rank-one vectors come back per
@@ -91,12 +96,16 @@ def to_general(
     * tied:    ``b = -beta k``, ``a = exp(g) ⊙ k`` (the decay acts before the delta step),
                input ``beta k vᵀ`` (``beta`` folded into ``v``);
     * general: ``a``, ``b`` as given.
+
+    The value-side decay ``gv [B,T,HV,V]`` multiplies the whole key-side transition from the
+    right, so it passes through unchanged: the tied mapping stays exact with it because the
+    delta step acts on the state decayed on both sides.
     """
     heads = v.shape[2]
     if transition.lowrank is LowRank.TIED:
         kk = expand_heads(k, heads)
         decay = torch.ones_like(kk) if g is None else torch.exp(g if g.dim() == 4 else g[..., None])
-        return dict(k=k, v=v * beta[..., None], g=g, a=decay * kk, b=-beta[..., None] * kk)
+        return dict(k=k, v=v * beta[..., None], g=g, a=decay * kk, b=-beta[..., None] * kk, gv=gv)
     if transition.lowrank is LowRank.GENERAL:
-        return dict(k=k, v=v, g=g, a=expand_heads(a, heads), b=expand_heads(b, heads))
-    return dict(k=k, v=v, g=g, a=None, b=None)
+        return dict(k=k, v=v, g=g, a=expand_heads(a, heads), b=expand_heads(b, heads), gv=gv)
+    return dict(k=k, v=v, g=g, a=None, b=None, gv=gv)

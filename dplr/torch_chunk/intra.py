@@ -10,6 +10,11 @@ point that keeps it in range (see :class:`_Blocks`): between blocks all exponent
 (anything that underflows is truly negligible); inside a block the factors are at most
 ``exp(HALF_LIMIT)``. The rare blocks that decay faster (a gate of -60 per step) take an exact
 element-wise product.
+
+A value-side decay ``gv`` (:class:`ColumnDecay`) scales the state's columns. Its pair factors
+``exp(GV_{i,c} - GV_{j,c})`` sit on the value channel ``c`` of a product ``A Z`` over tokens,
+not inside a key contraction, so they cannot be folded into ``A``; they use the same sub-blocks
+and reference points on the ``[C, V]`` side (docs/value-decay.md).
 """
 
 from __future__ import annotations
@@ -263,3 +268,66 @@ class _Blocks:
         blocks = A.view(*self.lead, self.nb, self.L, self.nb, self.L).diagonal(dim1=-4, dim2=-2)
         blocks.movedim(-1, -3)[w] = exact  # [.., nb, L, L]: a view of A's diagonal blocks
         return A
+
+
+def column_decay(decays: Decays, *, dtype: torch.dtype) -> ColumnDecay | None:
+    """The value-side factors of a chunk from the sums of ``gv`` (stage 1); ``None`` without ``gv``."""
+    return None if decays.G_end is None else ColumnDecay(decays, dtype)
+
+
+class ColumnDecay:
+    """The value-side decay of each chunk, ``GV_{i,c}`` (inclusive sums of ``gv``): column ``c``
+    of the state is scaled by ``exp(gv_{t,c})`` at every token, after the key-side transition.
+
+    Tensors ``[M, HV, C, V]``; ``A`` a ``[M, HV, C, C]`` lower-triangular intra-chunk matrix.
+    All factors are ``<= 1`` except inside a sub-block, where they are taken against the block's
+    middle as on the key side (at most ``exp(HALF_LIMIT)``; faster blocks are redone exactly).
+    """
+
+    def __init__(self, decays: Decays, dtype: torch.dtype):
+        self.blocks = bl = _Blocks(decays, dtype)
+        self.end = torch.exp(decays.G_end)  # exp(GV_C)  [M, HV, V]
+        self._from_start = bl._join(bl.E * torch.exp(bl.starts)[..., None, :])  # exp(GV_i)
+        self._to_end = bl._join(bl.down * torch.exp(bl.to_chunk_end)[..., None, :])  # exp(GV_C - GV_j)
+        nb = bl.nb
+        # exp(s_p - e_q) between sub-blocks q < p: the sum of the whole blocks strictly between
+        # them, summed as such (a difference of prefix sums would lose the small terms).
+        r = torch.arange(nb, device=bl.totals.device)
+        between = (r[None, None, :] > r[None, :, None]) & (r[None, None, :] < r[:, None, None])  # [p, q, r]
+        exponent = torch.einsum("pqr,...rv->...pqv", between.to(bl.totals.dtype), bl.totals)
+        below = (r[:, None] > r[None, :])[..., None]  # q < p
+        self._between = torch.exp(exponent.masked_fill(~below, float("-inf"))) if nb > 1 else None
+
+    def from_start(self, y: torch.Tensor) -> torch.Tensor:
+        """``y ⊙ exp(GV_i)``: a row that reads the chunk's initial state."""
+        return y * self._from_start
+
+    def to_end(self, z: torch.Tensor) -> torch.Tensor:
+        """``z ⊙ exp(GV_C - GV_j)``: a row as the chunk's final state sees it."""
+        return z * self._to_end
+
+    def product(self, A: torch.Tensor, Z: torch.Tensor) -> torch.Tensor:
+        """``Y[i, c] = Σ_{j <= i} A[i, j] exp(GV_{i,c} - GV_{j,c}) Z[j, c]``."""
+        bl = self.blocks
+        Zb = bl._split(Z)
+        Ab = A.reshape(*bl.lead, bl.nb, bl.L, bl.nb, bl.L)
+        # Inside a sub-block p: exp(GV_i - m_p) · (A (Z ⊙ exp(m_p - GV_j))), strictly below the diagonal.
+        inner = Ab.diagonal(dim1=-4, dim2=-2).movedim(-1, -3) * _causal_mask(bl.L, True, A.device)
+        Y = bl.E * bl.row_to_mid * (inner @ (Zb * bl.col_up))
+        if bl.unsafe is not None:
+            Y = self._repair(Y, inner, Zb)
+        if self._between is not None:
+            # Between sub-blocks q < p: exp(GV_i - s_p) · exp(s_p - e_q) · (A_pq (Z_q ⊙ exp(e_q - GV_j))).
+            off = Ab.transpose(-3, -2) @ (Zb * bl.down).unsqueeze(-4)  # [.., p, q, L, V]
+            Y = Y + bl.E * (off * self._between[..., None, :]).sum(-3)
+        # The pairs j = i have the factor exp(0): added without the gate, as in Pairwise.product.
+        return bl._join(Y) + A.diagonal(0, -2, -1)[..., None] * Z
+
+    def _repair(self, Y: torch.Tensor, inner: torch.Tensor, Zb: torch.Tensor) -> torch.Tensor:
+        """Sub-blocks whose halves decay by more than HALF_LIMIT: the exact element-wise product, in place."""
+        bl, w = self.blocks, self.blocks.unsafe
+        gy = torch.cumsum(bl.gates[w].double(), dim=1)  # fp64 sums, as in _Blocks._repair
+        mask = _causal_mask(bl.L, True, Y.device)[..., None]
+        factor = decay_factor((gy[:, :, None, :] - gy[:, None, :, :]).masked_fill(~mask, float("-inf")), Y.dtype)
+        Y[w] = (inner[w][..., None] * factor * Zb[w][:, None, :, :]).sum(-2)  # Y is a fresh product
+        return Y

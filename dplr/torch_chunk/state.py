@@ -9,6 +9,10 @@ Every chunk is an affine map of its initial state, ``S_next = T S + H`` with
 loop is one small product per step (the loop is bound by per-step overhead on a CPU); ``P`` of
 every chunk follows afterwards in one batched product. Sequences that have run out of chunks
 drop off the end of the running prefix (see layout).
+
+A value-side decay scales the state's columns: ``S_next = T S Diag(exp(GV_C)) + H``, where
+``H`` reads ``v`` and ``U`` decayed to the chunk's end and ``T`` is unchanged; then
+``P = U + exp(GV) ⊙ (W S)``.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import torch
 
 from ..transition import Decay, LowRank, Transition
 from .cumsum import Decays, decay_factor
-from .intra import Intra
+from .intra import ColumnDecay, Intra
 from .layout import ChunkLayout
 from .solve import Pseudo
 
@@ -39,17 +43,21 @@ def state_pass(
     v: torch.Tensor,
     pseudo: Pseudo | None,
     initial_state: torch.Tensor,
+    columns: ColumnDecay | None = None,
 ) -> States:
     lowrank = transition.lowrank
     decay_end = _state_decay(decays.G_end, transition.decay, v.dtype)
     write_key = (intra.b_end if lowrank is LowRank.GENERAL else intra.k_end).transpose(-1, -2)
-    H = None if lowrank is LowRank.TIED else intra.k_end.transpose(-1, -2) @ v
+    to_end = (lambda z: z) if columns is None else columns.to_end
+    column_end = None if columns is None else columns.end[..., None, :]  # exp(GV_C) per column
+    H = None if lowrank is LowRank.TIED else intra.k_end.transpose(-1, -2) @ to_end(v)
     T = None
     if pseudo is not None:
+        U_end = to_end(pseudo.U)
         H = (
-            write_key @ pseudo.U
+            write_key @ U_end
             if H is None
-            else torch.baddbmm(H.flatten(0, 1), write_key.flatten(0, 1), pseudo.U.flatten(0, 1)).view_as(H)
+            else torch.baddbmm(H.flatten(0, 1), write_key.flatten(0, 1), U_end.flatten(0, 1)).view_as(H)
         )
         T = write_key @ pseudo.W  # [M, HV, K, K]
         # + Diag(exp(G_C)) (the identity without decay); T is a fresh product, so in place.
@@ -67,6 +75,8 @@ def state_pass(
         row += count
         current = state[:count]
         starts.append(current)
+        if column_end is not None:
+            current = current * column_end[rows]  # T (S Diag(exp(GV_C))) = (T S) Diag(exp(GV_C))
         if T is not None:
             nxt = torch.baddbmm(H[rows].flatten(0, 1), T[rows].flatten(0, 1), current.reshape(-1, K, V))
             nxt = nxt.view(count, HV, K, V)
@@ -79,8 +89,10 @@ def state_pass(
     final = torch.empty_like(state).index_copy(0, layout.order, state)
     initial = torch.cat(starts) if starts else state.new_zeros(0, HV, K, V)
     P = None
-    if pseudo is not None:
+    if pseudo is not None and columns is None:
         P = torch.baddbmm(pseudo.U.flatten(0, 1), pseudo.W.flatten(0, 1), initial.flatten(0, 1)).view_as(pseudo.U)
+    elif pseudo is not None:
+        P = pseudo.U + columns.from_start(pseudo.W @ initial)
     return States(initial=initial, pseudo=P, final=final)
 
 
