@@ -11,6 +11,10 @@ value heads); ``initial_state`` and the final state ``[N, HV, K, V]`` (fp32; fp6
 inputs); ``cu_seqlens [N + 1]`` packs ``N`` sequences along ``T`` with ``B == 1``. Every op
 returns ``Output(output [B, T, HV, V] in v's dtype, final_state or None)``.
 
+Time-invariant gates and rank-one vectors may be stride-0 broadcasts (``w.expand(B, T, H, K)``
+of a ``[H, K]`` parameter): they are checked and consumed as views, and their gradients flow
+back through ``expand`` to the parameter's own shape.
+
 ``chunk_gla``, ``chunk_kda``, ``chunk_dplr_delta_rule`` and their ``fused_recurrent_*`` twins
 take ``gv [B, T, HV, V]``, a log decay (``<= 0``) per value channel that scales the state's
 columns after the key-side transition: ``S_t = (Diag(exp(g_t)) + b_t a_tᵀ) S_{t-1}
@@ -103,8 +107,8 @@ def prepare(name: str, mode: str, args: dict) -> Problem:
             g = _in_kernel_gate(name, g, args, dims, q)
         else:
             checks.check_log_decay(gname, g)
-            if lower_bound is not None and checks.values_checkable(g) and g.numel() and bool((g < lower_bound).any()):
-                raise ValueError(f"{gname} must be >= lower_bound={lower_bound}, got a minimum of {float(g.min()):.4g}")
+            if lower_bound is not None:
+                checks.check_lower_bound(gname, g, lower_bound)
     elif in_kernel_gate:
         raise ValueError(f"use_gate_in_kernel needs a gate; {name} has none")
 
@@ -353,7 +357,8 @@ def chunk_dplr_delta_rule(
     """General DPLR: ``S ← Diag(exp(gk)) S + b (aᵀ S) + k vᵀ``, ``a, b [B, T, H, K]``, ``gk [B, T, HV, K]``.
     ``lower_bound`` is a promise ``gk >= lower_bound`` (checked on CPU); any gate is exact.
     ``gv [B, T, HV, V]`` (optional) decays the value channels too: ``S ← (Diag(exp(gk)) + b aᵀ) S
-    Diag(exp(gv)) + k vᵀ``; PyTorch path only (see the module)."""
+    Diag(exp(gv)) + k vᵀ``; PyTorch path only (see the module). Time-invariant (S4-style) ``gk``,
+    ``a``, ``b`` may be stride-0 views, e.g. ``a0.expand(B, T, H, K)``."""
     return _run("dplr_delta_rule", CHUNK, locals())
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from . import settings
+from .transition import broadcast_source
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 STATE_DTYPES = (torch.float32, torch.float64)
@@ -170,13 +171,23 @@ def values_checkable(x: torch.Tensor) -> bool:
 
 
 def check_finite(name: str, x: torch.Tensor) -> None:
-    if values_checkable(x) and not bool(torch.isfinite(x).all()):
+    if values_checkable(x) and not bool(torch.isfinite(broadcast_source(x)).all()):
         raise ValueError(f"{name} must be finite, got NaN or inf")
 
 
 def check_log_decay(name: str, g: torch.Tensor) -> None:
-    """A log decay: finite and ``<= 0`` (a decay factor ``exp(g)`` in ``(0, 1]``)."""
+    """A log decay: finite and ``<= 0`` (a decay factor ``exp(g)`` in ``(0, 1]``). A broadcast
+    (stride-0) gate is checked on its distinct elements only."""
     if values_checkable(g):
         check_finite(name, g)
+        g = broadcast_source(g)
         if g.numel() and bool((g > 0).any()):
             raise ValueError(f"{name} is a log decay and must be <= 0, got a maximum of {float(g.max()):.4g}")
+
+
+def check_lower_bound(name: str, g: torch.Tensor, lower_bound: float) -> None:
+    """The caller's promise ``g >= lower_bound``, checked when the values are at hand."""
+    if values_checkable(g):
+        g = broadcast_source(g)
+        if g.numel() and bool((g < lower_bound).any()):
+            raise ValueError(f"{name} must be >= lower_bound={lower_bound}, got a minimum of {float(g.min()):.4g}")

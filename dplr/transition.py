@@ -76,6 +76,13 @@ def expand_heads(x: torch.Tensor | None, heads: int, dim: int = 2) -> torch.Tens
     return x.repeat_interleave(heads // x.shape[dim], dim=dim)
 
 
+def broadcast_source(x: torch.Tensor) -> torch.Tensor:
+    """The elements of ``x`` once each: every stride-0 (broadcast) dimension read at index 0, so
+    that ``broadcast_source(x).expand(x.shape)`` is ``x``. A time-invariant gate given as
+    ``w.expand(B, T, H, K)`` comes back as ``[1, 1, H, K]``, a view of ``w``."""
+    return x[tuple(slice(0, 1) if stride == 0 else slice(None) for stride in x.stride())]
+
+
 def to_general(
     transition: Transition,
     *,

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..transition import broadcast_source
+
 
 def sequence_spans(batch: int, seq_len: int, cu_seqlens) -> tuple[torch.Tensor, torch.Tensor]:
     """``(starts, lengths)`` of every sequence in the flat token axis (host int64): the ``batch``
@@ -63,14 +65,18 @@ class ChunkLayout:
         )
 
     def gather(self, x: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-        """``[B, T, heads, *rest]`` → ``[M, heads, C, *rest]`` in ``dtype``, zeros in padding."""
+        """``[B, T, heads, *rest]`` → ``[M, heads, C, *rest]`` in ``dtype``, zeros in padding.
+
+        A stride-0 (time-invariant) input stays a stride-0 view on the dense path, in either
+        dtype; the indexed path copies it (its padding slot needs a row of zeros)."""
         if x is None:
             return None
+        x = _cast(x, dtype)
         if self.dense is not None:  # step-major chunks of equal rows: one permuted copy
             B, n = self.dense
             chunks = x.reshape(B, n, self.chunk_size, *x.shape[2:]).transpose(0, 1).movedim(2, 3)
-            return chunks.reshape(B * n, *chunks.shape[2:]).to(dtype)
-        flat = x.reshape(self.num_tokens, *x.shape[2:]).to(dtype)
+            return chunks.reshape(B * n, *chunks.shape[2:])
+        flat = x.reshape(self.num_tokens, *x.shape[2:])
         padded = torch.cat([flat, flat.new_zeros(1, *flat.shape[1:])])
         return padded[self.token_index].movedim(1, 2)
 
@@ -84,3 +90,9 @@ class ChunkLayout:
         keep = index < self.num_tokens
         out = rows.new_zeros(self.num_tokens, *rows.shape[1:])
         return out.index_copy(0, index[keep], rows[keep]).reshape(shape)
+
+
+def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x.to(dtype)`` that converts a broadcast input's distinct elements only and broadcasts
+    them again (``Tensor.to`` would write every repeat)."""
+    return x if x.dtype == dtype else broadcast_source(x).to(dtype).expand(x.shape)
