@@ -11,8 +11,10 @@ from .gdn import GatedDeltaNet
 from .gla import GatedLinearAttention
 from .kda import KimiDeltaAttention
 from .rwkv7 import RWKV7Output, RWKV7TimeMix
+from .s4dplr import S4DPLR
 
 __all__ = [
+    "S4DPLR",
     "DeltaNet",
     "GatedDeltaNet",
     "GatedLinearAttention",

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dplr.layers import (
+    S4DPLR,
     DeltaNet,
     GatedDeltaNet,
     GatedLinearAttention,
@@ -30,6 +31,7 @@ LAYERS = {
     "gla_conv": lambda: GatedLinearAttention(D, num_heads=2, head_dim=16, use_short_conv=True),
     "rwkv7_first": lambda: RWKV7TimeMix(D, head_dim=16, layer_idx=0, num_layers=2),
     "rwkv7_later": lambda: RWKV7TimeMix(D, head_dim=16, layer_idx=1, num_layers=2),
+    "s4dplr": lambda: S4DPLR(D, num_heads=2, head_dim=16, use_short_conv=True),
 }
 
 
@@ -102,7 +104,7 @@ def test_fp32_decode_matches_forward(name):
     torch.testing.assert_close(torch.stack(outs, 1), full, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["kda", "gdn", "delta_net", "gla_conv", "rwkv7_later"])
+@pytest.mark.parametrize("name", ["kda", "gdn", "delta_net", "gla_conv", "rwkv7_later", "s4dplr"])
 def test_packed_equals_separate(name):
     """``cu_seqlens`` (with an empty and a one-token sequence, and a starting cache per sequence)
     equals one call per sequence: nothing leaks across boundaries, convolutions included."""
