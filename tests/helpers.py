@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from dplr.testing import float_tensors, op, reference, rel_err
@@ -39,3 +41,35 @@ def run_and_compare(name: str, mode: str, args: dict, tol: float, *, grads: bool
     bad = {k: f"{e:.2e}" for k, e in errors.items() if not e <= tol}
     assert not bad, f"{name}/{mode}: errors above {tol:.0e}: {bad}"
     return errors
+
+
+def token_tensors(args: dict, T: int) -> dict:
+    """The arguments with a token axis of length ``T`` (``[B, T, ...]``), the initial state excluded."""
+    return {
+        k: x
+        for k, x in args.items()
+        if isinstance(x, torch.Tensor) and x.dim() >= 3 and x.shape[1] == T and k != "initial_state"
+    }
+
+
+def assert_packed_equals_separate(name: str, mode: str, args: dict, bounds: list[int]) -> None:
+    """A packed call (``args`` with ``cu_seqlens = bounds``) equals one call per sequence (fp64)."""
+    packed_o, packed_final = op(name, mode)(**dict(args, output_final_state=True))
+    tokens = token_tensors(args, bounds[-1])
+    for n, (bos, eos) in enumerate(itertools.pairwise(bounds)):
+        single = dict(args, cu_seqlens=None, initial_state=args["initial_state"][n : n + 1], output_final_state=True)
+        single.update({k: x[:, bos:eos] for k, x in tokens.items()})
+        o, final = op(name, mode)(**single)
+        torch.testing.assert_close(o, packed_o[:, bos:eos], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(final, packed_final[n : n + 1], rtol=1e-12, atol=1e-12)
+
+
+def assert_chaining(name: str, mode: str, args: dict, split: int) -> None:
+    """Two calls, the second from the first's final state, equal one over the whole (fp64)."""
+    args = dict(args, output_final_state=True)
+    whole_o, whole_final = op(name, mode)(**args)
+    tokens = token_tensors(args, whole_o.shape[1])
+    o1, mid = op(name, mode)(**dict(args, **{k: x[:, :split] for k, x in tokens.items()}))
+    o2, final = op(name, mode)(**dict(args, initial_state=mid, **{k: x[:, split:] for k, x in tokens.items()}))
+    torch.testing.assert_close(torch.cat([o1, o2], dim=1), whole_o, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(final, whole_final, rtol=1e-10, atol=1e-12)

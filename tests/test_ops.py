@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 
 from dplr.testing import MODES, make_inputs, op
 from dplr.transition import FAMILIES
-from tests.helpers import TOL, run_and_compare
+from tests.helpers import TOL, assert_chaining, assert_packed_equals_separate, run_and_compare
 
 FAMILY_NAMES = list(FAMILIES)
 
@@ -47,30 +45,15 @@ def test_varlen_equals_separate_calls(name, mode):
     bounds = [0, 30, 30, 100, 101, 150]
     args = make_inputs(name, B=1, T=150, H=2, HV=2, K=16, V=16, dtype=torch.float64, cu_seqlens=bounds)
     run_and_compare(name, mode, args, TOL[torch.float64])
-
-    packed_o, packed_final = op(name, mode)(**dict(args, output_final_state=True))
-    tensors = {k: x for k, x in args.items() if isinstance(x, torch.Tensor) and x.dim() >= 3 and k != "initial_state"}
-    for n, (bos, eos) in enumerate(itertools.pairwise(bounds)):
-        single = dict(args, cu_seqlens=None, initial_state=args["initial_state"][n : n + 1], output_final_state=True)
-        single.update({k: x[:, bos:eos] for k, x in tensors.items()})
-        o, final = op(name, mode)(**single)
-        torch.testing.assert_close(o, packed_o[:, bos:eos], rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(final, packed_final[n : n + 1], rtol=1e-12, atol=1e-12)
+    assert_packed_equals_separate(name, mode, args, bounds)
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", FAMILY_NAMES)
 def test_state_chaining(name, mode):
     """Two halves, the second started from the first's final state, equal the whole."""
-    args = make_inputs(name, B=2, T=90, H=2, HV=4, K=16, V=16, dtype=torch.float64, output_final_state=True)
-    whole_o, whole_final = op(name, mode)(**args)
-    tensors = {k: x for k, x in args.items() if isinstance(x, torch.Tensor) and x.dim() >= 3 and x.shape[1] == 90}
-    first = dict(args, **{k: x[:, :37] for k, x in tensors.items()})
-    o1, mid = op(name, mode)(**first)
-    second = dict(args, initial_state=mid, **{k: x[:, 37:] for k, x in tensors.items()})
-    o2, final = op(name, mode)(**second)
-    torch.testing.assert_close(torch.cat([o1, o2], dim=1), whole_o, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(final, whole_final, rtol=1e-10, atol=1e-12)
+    args = make_inputs(name, B=2, T=90, H=2, HV=4, K=16, V=16, dtype=torch.float64)
+    assert_chaining(name, mode, args, 37)
 
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)

@@ -8,7 +8,6 @@ heads, strong gates, gradcheck, compile, the checks and the backend rule.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 
 import pytest
 import torch
@@ -19,7 +18,7 @@ from dplr.reference import recurrence
 from dplr.testing import MODES, _with_defaults, float_tensors, make_inputs, op
 from dplr.torch_recurrent import recurrent_fwd
 from dplr.transition import ALL_TRANSITIONS, Decay, LowRank, to_general
-from tests.helpers import TOL, run_and_compare
+from tests.helpers import TOL, assert_chaining, assert_packed_equals_separate, run_and_compare
 
 NAMES = ["gla", "kda", "dplr_delta_rule"]
 GATE = {"gla": "g", "kda": "g", "dplr_delta_rule": "gk"}
@@ -98,27 +97,15 @@ def test_varlen_equals_separate_calls(name, mode):
     args = make_inputs(name, B=1, T=150, H=1, HV=2, K=16, V=8, dtype=torch.float64, cu_seqlens=bounds,
                        value_decay=True)  # fmt: skip
     run_and_compare(name, mode, args, TOL[torch.float64])
-    packed_o, packed_final = op(name, mode)(**dict(args, output_final_state=True))
-    tokens = {k: x for k, x in args.items() if isinstance(x, torch.Tensor) and x.dim() >= 3 and k != "initial_state"}
-    for n, (bos, eos) in enumerate(itertools.pairwise(bounds)):
-        single = dict(args, cu_seqlens=None, initial_state=args["initial_state"][n : n + 1], output_final_state=True)
-        single.update({k: x[:, bos:eos] for k, x in tokens.items()})
-        o, final = op(name, mode)(**single)
-        torch.testing.assert_close(o, packed_o[:, bos:eos], rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(final, packed_final[n : n + 1], rtol=1e-12, atol=1e-12)
+    assert_packed_equals_separate(name, mode, args, bounds)
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", NAMES)
-def test_state_chaining(name):
+def test_state_chaining(name, mode):
     """Two halves, the second from the first's final state, equal the whole."""
-    args = make_inputs(name, B=2, T=90, H=2, HV=4, K=16, V=8, dtype=torch.float64, value_decay=True,
-                       output_final_state=True)  # fmt: skip
-    whole_o, whole_final = op(name, "chunk")(**args)
-    tokens = {k: x for k, x in args.items() if isinstance(x, torch.Tensor) and x.dim() >= 3 and x.shape[1] == 90}
-    o1, mid = op(name, "chunk")(**dict(args, **{k: x[:, :37] for k, x in tokens.items()}))
-    o2, final = op(name, "chunk")(**dict(args, initial_state=mid, **{k: x[:, 37:] for k, x in tokens.items()}))
-    torch.testing.assert_close(torch.cat([o1, o2], dim=1), whole_o, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(final, whole_final, rtol=1e-10, atol=1e-12)
+    args = make_inputs(name, B=2, T=90, H=2, HV=4, K=16, V=8, dtype=torch.float64, value_decay=True)
+    assert_chaining(name, mode, args, 37)
 
 
 @pytest.mark.parametrize("mode", MODES)
