@@ -289,14 +289,7 @@ class ColumnDecay:
         self.end = torch.exp(decays.G_end)  # exp(GV_C)  [M, HV, V]
         self._from_start = bl._join(bl.E * torch.exp(bl.starts)[..., None, :])  # exp(GV_i)
         self._to_end = bl._join(bl.down * torch.exp(bl.to_chunk_end)[..., None, :])  # exp(GV_C - GV_j)
-        nb = bl.nb
-        # exp(s_p - e_q) between sub-blocks q < p: the sum of the whole blocks strictly between
-        # them, summed as such (a difference of prefix sums would lose the small terms).
-        r = torch.arange(nb, device=bl.totals.device)
-        between = (r[None, None, :] > r[None, :, None]) & (r[None, None, :] < r[:, None, None])  # [p, q, r]
-        exponent = torch.einsum("pqr,...rv->...pqv", between.to(bl.totals.dtype), bl.totals)
-        below = (r[:, None] > r[None, :])[..., None]  # q < p
-        self._between = torch.exp(exponent.masked_fill(~below, float("-inf"))) if nb > 1 else None
+        self._between = _between_blocks(bl.totals) if bl.nb > 1 else None
 
     def from_start(self, y: torch.Tensor) -> torch.Tensor:
         """``y ⊙ exp(GV_i)``: a row that reads the chunk's initial state."""
@@ -331,3 +324,13 @@ class ColumnDecay:
         factor = decay_factor((gy[:, :, None, :] - gy[:, None, :, :]).masked_fill(~mask, float("-inf")), Y.dtype)
         Y[w] = (inner[w][..., None] * factor * Zb[w][:, None, :, :]).sum(-2)  # Y is a fresh product
         return Y
+
+
+def _between_blocks(totals: torch.Tensor) -> torch.Tensor:
+    """``exp(s_p - e_q)`` for sub-blocks ``q < p`` (0 elsewhere), ``[.., nb, nb, V]`` from the
+    blocks' totals ``[.., nb, V]``: the decay of the whole blocks strictly between them, summed
+    as such (a difference of prefix sums would lose the small terms)."""
+    r = torch.arange(totals.shape[-2], device=totals.device)
+    between = (r[None, None, :] > r[None, :, None]) & (r[None, None, :] < r[:, None, None])  # [p, q, r]
+    exponent = torch.einsum("pqr,...rv->...pqv", between.to(totals.dtype), totals)
+    return torch.exp(exponent.masked_fill(~(r[:, None] > r[None, :])[..., None], float("-inf")))
