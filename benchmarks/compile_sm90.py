@@ -51,7 +51,8 @@ def usage(kernel) -> str:
         tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
         out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
     found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
-    return f"regs {found[1]} stack {found[2]} shared {found[3]} local {found[4]}" if found else out
+    # kernel.metadata.shared: the dynamic shared memory Triton asks for at launch (227 KiB at most)
+    return f"regs {found[1]} stack {found[2]} smem {kernel.metadata.shared}" if found else out
 
 
 def main() -> None:

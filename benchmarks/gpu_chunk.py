@@ -16,6 +16,8 @@ table last. fla-core is optional (``pip install --no-deps --target /tmp/site fla
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -118,9 +120,13 @@ def check_family(name: str, dtype: torch.dtype, *, cu_seqlens=None, grads: bool)
         gen = torch.Generator(device="cuda").manual_seed(7)
         do = torch.randn(ro.shape, generator=gen, device="cuda", dtype=torch.float64)
         dfinal = torch.randn(rfinal.shape, generator=gen, device="cuda", dtype=torch.float64)
-        ((o.double() * do).sum() + (final.double() * dfinal).sum()).backward()
+        loss = (o.double() * do).sum() + (final.double() * dfinal).sum()
+        first = torch.autograd.grad(loss, [args[k] for k in names], retain_graph=True)
+        second = torch.autograd.grad(loss, [args[k] for k in names])
         ((ro * do).sum() + (rfinal * dfinal).sum()).backward()
-        errors.update({f"d{k}": rel_err(args[k].grad, ref_args[k].grad) for k in names})
+        errors.update({f"d{k}": rel_err(x, ref_args[k].grad) for k, x in zip(names, first, strict=True)})
+        # two backward passes on the same inputs: bit-identical (the kernels use no atomics)
+        deterministic = all(torch.equal(x, y) for x, y in zip(first, second, strict=True))
     worst = max(errors, key=errors.get)
     return dict(
         family=name,
@@ -129,31 +135,91 @@ def check_family(name: str, dtype: torch.dtype, *, cu_seqlens=None, grads: bool)
         errors=errors,
         worst=worst,
         error=errors[worst],
-        passed=errors[worst] <= TOL[dtype],
+        deterministic=deterministic if names else None,
+        passed=errors[worst] <= TOL[dtype] and (deterministic if names else True),
     )
 
 
 CASES = ((torch.bfloat16, None), (torch.bfloat16, [0, 37, 37, 200]), (torch.float32, None))
 
 
-def correctness(families: list[str], grads: bool) -> list[dict]:
+def check_cases(name: str, grads: bool) -> list[dict]:
+    """Every case of one family (a worker's job when the check runs in several processes)."""
+    os.environ["DPLR_BACKEND"] = "triton"
     rows = []
-    for name in families:
-        for dtype, cu in CASES:
-            try:
-                rows.append(check_family(name, dtype, cu_seqlens=cu, grads=grads))
-            except Exception as err:  # recorded, not hidden: the run goes on to the others
-                failure = f"{type(err).__name__}: {err}"
-                rows.append(dict(family=name, dtype=str(dtype), varlen=bool(cu), passed=False, error=math.inf,
-                                 failure=failure))  # fmt: skip
-                traceback.print_exc()
-            row = rows[-1]
-            print(
-                f"  {name:18s} {row['dtype']:9s} varlen={row['varlen']!s:5s} worst {row.get('worst', '-')}"
-                f" = {row['error']:.2e} {'pass' if row['passed'] else 'FAIL'}",
-                flush=True,
-            )
+    for dtype, cu in CASES:
+        try:
+            rows.append(check_family(name, dtype, cu_seqlens=cu, grads=grads))
+        except Exception as err:  # recorded, not hidden: the run goes on to the others
+            failure = f"{type(err).__name__}: {err}"
+            rows.append(dict(family=name, dtype=str(dtype), varlen=bool(cu), passed=False, error=math.inf,
+                             failure=failure))  # fmt: skip
+            traceback.print_exc()
     return rows
+
+
+def warm(name: str, H: int, K: int, variant: str, backward: bool) -> None:
+    """Compile one family's kernels for a shape class (T and B are not compile-time constants)."""
+    os.environ["DPLR_BACKEND"] = "triton"
+    with backward_variant(variant):
+        args = gpu_inputs(name, 1, 256, H, K)
+        for key in float_tensors(args) if backward else []:
+            args[key].requires_grad_(True)
+        o, _ = op(name, "chunk")(**args)
+        if backward:
+            o.sum().backward()
+        torch.cuda.synchronize()
+
+
+def in_processes(jobs: int, calls: list[tuple]) -> list:
+    """``fn(*args)`` for every ``(fn, args)``, in ``jobs`` fresh processes (each compiles on its own
+    core; they share TRITON_CACHE_DIR, so the timing process finds the kernels compiled)."""
+    if jobs <= 1:
+        return [fn(*args) for fn, args in calls]
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
+        futures = [pool.submit(fn, *args) for fn, args in calls]
+        return [future.result() for future in futures]
+
+
+def correctness(families: list[str], grads: bool, jobs: int, also: list[tuple] = ()) -> list[dict]:
+    """The checks of every family, and ``also`` (compilations for the timing) beside them."""
+    found = in_processes(jobs, [(check_cases, (n, grads)) for n in families] + list(also))
+    rows = [row for rows in found[: len(families)] for row in rows]
+    for row in rows:
+        print(
+            f"  {row['family']:18s} {row['dtype']:9s} varlen={row['varlen']!s:5s} worst {row.get('worst', '-')}"
+            f" = {row['error']:.2e} deterministic={row.get('deterministic')} {'pass' if row['passed'] else 'FAIL'}",
+            flush=True,
+        )
+    return rows
+
+
+# Launch configurations of the backward kernels to time beside the default (tuning runs).
+VARIANTS = {
+    "default": {},
+    "chunk32": dict(C=32),
+    "values8": dict(warps_values=8),
+    "values64x8": dict(BV_values=64, warps_values=8),
+    "keys32": dict(BK_keys=32),
+    "keys8": dict(warps_keys=8),
+    "keys32x8": dict(BK_keys=32, warps_keys=8),
+}
+
+
+@contextlib.contextmanager
+def backward_variant(name: str):
+    from dplr.triton import configs
+
+    chosen = configs.chunk_backward
+    if VARIANTS[name]:
+        configs.chunk_backward = lambda **kw: dataclasses.replace(chosen(**kw), **VARIANTS[name])
+    try:
+        yield
+    finally:
+        configs.chunk_backward = chosen
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,9 +248,33 @@ def bench(fn, *, backward: bool) -> tuple[float, float]:
     return ms, peak
 
 
+def kernel_times(fn, *, backward: bool, repeats: int = 3) -> dict:
+    """Device time per kernel name (ms per call) of fn() or fn() + backward, from the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def step():
+        out = fn()
+        if backward:
+            out[0].backward(torch.ones_like(out[0]))
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            step()
+        torch.cuda.synchronize()
+    times = {}
+    for event in prof.key_averages():
+        total = getattr(event, "device_time_total", 0) or getattr(event, "cuda_time_total", 0)
+        if total and event.device_type.name == "CUDA":
+            times[event.key[:60]] = total / repeats / 1e3
+    return dict(sorted(times.items(), key=lambda kv: -kv[1])[:10])
+
+
 def speed(
-    families: list[str], shapes: list[int], fla: dict | None, device_rates, backward: bool, rows: list, save
-) -> list:
+    families: list[str], shapes: list[int], fla: dict | None, device_rates, backward: bool, rows: list, save,
+    variants: list[str] = (), profile: bool = False,
+) -> list:  # fmt: skip
     """Appends one row per (shape, family) to ``rows`` and saves after each (a cut-off run keeps them)."""
     from dplr.accounting import Shape, account, fused_floor, staged_floor
 
@@ -212,6 +302,23 @@ def speed(
                     row[f"{lib}_error"] = f"{type(err).__name__}: {str(err)[:300]}"
                     print(f"  {lib} {name} {SHAPES[index]}: {row[f'{lib}_error']}", flush=True)
                 torch.cuda.empty_cache()
+            if profile:
+                try:
+                    row["kernels_ms"] = kernel_times(lambda a=args, n=name: op(n, "chunk")(**a), backward=backward)
+                    print("   ", {k: round(v, 3) for k, v in row["kernels_ms"].items()}, flush=True)
+                except Exception as err:
+                    print(f"  profile: {type(err).__name__}: {str(err)[:200]}", flush=True)
+            for variant in variants if backward else ():
+                try:
+                    with backward_variant(variant):
+                        row.setdefault("variants_ms", {})[variant] = bench(
+                            lambda a=args, n=name: op(n, "chunk")(**a), backward=True
+                        )[0]
+                except Exception as err:
+                    print(f"  variant {variant}: {type(err).__name__}: {str(err)[:200]}", flush=True)
+                torch.cuda.empty_cache()
+            if row.get("variants_ms"):
+                print("   ", {k: round(v, 3) for k, v in row["variants_ms"].items()}, flush=True)
             if "dplr_ms" in row and "fla_ms" in row:
                 row["speedup"] = row["fla_ms"] / row["dplr_ms"]
             if "dplr_ms" in row:
@@ -259,10 +366,14 @@ def main() -> int:
     ap.add_argument("--families", default=",".join(TIMED))
     ap.add_argument("--shapes", default="0,1,2,3")
     ap.add_argument("--no-fla", action="store_true")
+    ap.add_argument("--fla-families", default=None, help="time fla-core for these only (its autotuning is slow)")
     ap.add_argument("--no-pytest", action="store_true")
     ap.add_argument("--no-check", action="store_true", help="skip the correctness pass (only after one has passed)")
     ap.add_argument("--backward", choices=["auto", "yes", "no"], default="auto")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--profile", action="store_true", help="per-kernel device times of dplr's calls")
+    ap.add_argument("--jobs", type=int, default=1, help="check and compile in this many processes first")
+    ap.add_argument("--variants", default="", help=f"backward launch variants to time too: {','.join(VARIANTS)}")
     ns = ap.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device: this benchmark runs on a GPU")
@@ -282,22 +393,37 @@ def main() -> int:
     result = dict(provenance.environment("cuda"), triton_backward=has_bwd)
     started = time.time()
 
-    if not ns.no_pytest:
-        done = subprocess.run(
+    pytest = None
+    if not ns.no_pytest:  # beside the checks below
+        pytest = subprocess.Popen(
             [sys.executable, "-m", "pytest", "-q", "tests/triton/test_chunk.py"],
             cwd=ROOT,
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
             text=True,
         )
-        (out_dir / f"gpu_chunk_pytest_{slug}.txt").write_text(done.stdout[-20000:] + done.stderr[-5000:])
-        result["pytest"] = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-500:]
-        print("pytest tests/triton/test_chunk.py:", result["pytest"], f"({time.time() - started:.0f}s)", flush=True)
 
     families = ns.families.split(",")
+    shapes = [int(s) for s in ns.shapes.split(",")]
+    variants = [v for v in ns.variants.split(",") if v]
     print("correctness against the fp64 reference:", flush=True)
     checked = [*families, "rwkv7"] if "dplr_delta_rule" in families else families
-    result["correctness"] = [] if ns.no_check else correctness(checked, has_bwd)
+    compile_first = []
+    if ns.jobs > 1:  # the timed shape classes, compiled beside the checks
+        classes = sorted({(SHAPES[i][2], SHAPES[i][3]) for i in shapes})
+        runs = [(n, H, K, v) for n in families for H, K in classes for v in ["default", *variants]]
+        compile_first = [(warm, (*run, backward)) for run in runs]
+    if ns.no_check:
+        in_processes(ns.jobs, compile_first)
+        result["correctness"] = []
+    else:
+        result["correctness"] = correctness(checked, has_bwd, ns.jobs, compile_first)
     print(f"({time.time() - started:.0f}s)", flush=True)
+    if pytest is not None:
+        log = pytest.communicate()[0]
+        (out_dir / f"gpu_chunk_pytest_{slug}.txt").write_text(log[-20000:])
+        result["pytest"] = log.strip().splitlines()[-1] if log.strip() else "no output"
+        print("pytest tests/triton/test_chunk.py:", result["pytest"], f"({time.time() - started:.0f}s)", flush=True)
 
     rates = measure_device("h200" if "H200" in card else "h100")
     result["device_rates"] = dict(matmul_tflops=rates.matmul / 1e12, bandwidth_tbs=rates.bandwidth / 1e12)
@@ -305,7 +431,8 @@ def main() -> int:
         f"measured: {rates.matmul / 1e12:.0f} TFLOP/s bf16 matmul, {rates.bandwidth / 1e12:.2f} TB/s copy", flush=True
     )
     fla = None if ns.no_fla else load_fla()
-    shapes = [int(s) for s in ns.shapes.split(",")]
+    if fla is not None and ns.fla_families is not None:
+        fla = {name: fn for name, fn in fla.items() if name in ns.fla_families.split(",")}
     path = out_dir / f"gpu_chunk_{slug}.json"
     result["speed"] = []
 
@@ -314,9 +441,10 @@ def main() -> int:
         path.write_text(json.dumps(result, indent=1))
 
     save()
-    speed(families, shapes, fla, rates, False, result["speed"], save)
-    if backward:
-        speed(families, shapes, fla, rates, True, result["speed"], save)
+    for index in shapes:  # shape by shape, so that a run cut short keeps whole shapes
+        speed(families, [index], fla, rates, False, result["speed"], save, profile=ns.profile)
+        if backward:
+            speed(families, [index], fla, rates, True, result["speed"], save, variants, ns.profile)
     save()
     plot(result, path.with_suffix(".png"))
 
@@ -330,6 +458,8 @@ def main() -> int:
         )
     failed = [r for r in result["correctness"] if not r["passed"]]
     print(f"correctness: {len(result['correctness']) - len(failed)}/{len(result['correctness'])} passed")
+    if result.get("pytest"):
+        print("pytest:", result["pytest"])
     return 1 if failed else 0
 
 

@@ -167,13 +167,18 @@ def backward(problem: Problem, d_out: torch.Tensor, d_final: torch.Tensor | None
     """Gradients of ``(q, k, v, g, beta, a, b, initial_state)`` (``None`` for absent inputs), each
     in its input's dtype. Recomputes the forward's per-chunk quantities and every chunk's initial
     state, then five launches: the state pass backwards (sequential over chunks), the values'
-    gradients and the keys' (per chunk), and the sums over a key head's value heads."""
-    p, C = problem, chunk_size
+    gradients and the keys' (per chunk), and the sums over a key head's value heads. The chunk
+    size is the backward's own (see :func:`configs.chunk_backward`): gradients do not depend on it."""
+    p = problem
     if p.q.dtype == torch.float64:
         raise TypeError("the Triton kernels take fp16, bf16 or fp32 inputs; fp64 runs on the PyTorch path")
     B, T, H, K = p.q.shape
     HV, V = p.v.shape[2], p.v.shape[3]
     device, lowrank = p.q.device, p.transition.lowrank
+    bwd = configs.chunk_backward(
+        K=K, V=V, C=chunk_size, dtype=p.q.dtype, lowrank=lowrank.value, decay=p.transition.decay.value
+    )
+    C = bwd.C
     cfg = configs.chunk_forward(K=K, V=V, C=C, dtype=p.q.dtype, device=device, lowrank=lowrank.value)
     prep = prepare(p, C, cfg, keep_akk=True)
     index, NT, structure = prep.index, B * T, constexprs(p.transition)
@@ -218,8 +223,8 @@ def backward(problem: Problem, d_out: torch.Tensor, d_final: torch.Tensor | None
             prep.k_end, prep.b_end, prep.A_qk, prep.A_qb,
             dv, dA_qk, dA_qb, dA_ak, dM, dq_start, dk_end, db_end, dx, dbeta, d_decay,
             index.chunk_bos, index.chunk_len, p.scale,
-            HV=HV, K=K, V=V, KP=KP, C=C, BV=min(cfg.BV_state, 32), LOWRANK=structure["LOWRANK"],
-            PREC=cfg.precision, num_warps=4,
+            HV=HV, K=K, V=V, KP=KP, C=C, BV=bwd.BV_values, LOWRANK=structure["LOWRANK"],
+            PREC=cfg.precision, num_warps=bwd.warps_values,
         )  # fmt: skip
         q, k, g, a, b = (_tokens(x) for x in (p.q, p.k, p.g, p.a, p.b))
         L = min(16, C)
@@ -228,8 +233,8 @@ def backward(problem: Problem, d_out: torch.Tensor, d_final: torch.Tensor | None
             prep.G, prep.M, prep.A_kk, dA_qk, dA_qb, dA_ak, dM, dq_start, dk_end, db_end, dx, d_decay,
             prep.decay_end, dbeta, dq, dk, da, db, dq if dg is None else dg,
             index.chunk_bos, index.chunk_len,
-            H=H, HV=HV, K=K, C=C, L=L, LEVELS=int(math.log2(C // L)), BK=cfg.BK,
-            PREC=cfg.precision, num_warps=4, **structure,
+            H=H, HV=HV, K=K, C=C, L=L, LEVELS=int(math.log2(C // L)), BK=bwd.BK_keys,
+            PREC=cfg.precision, num_warps=bwd.warps_keys, **structure,
         )  # fmt: skip
 
     def key_grad(x: torch.Tensor, like: torch.Tensor | None) -> torch.Tensor | None:

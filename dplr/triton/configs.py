@@ -20,7 +20,7 @@ class ChunkForward:
     warps_prepare: int
     warps_state: int
     stages_state: int  # software pipelining of the state pass over chunks
-    precision: str  # tl.dot input precision: "ieee" keeps fp32 inputs exact, "tf32" for 16-bit inputs
+    precision: str  # tl.dot input precision: "tf32x3" for fp32 inputs, "tf32" for 16-bit inputs
 
 
 # The state [K, BV] lives in registers for a whole sequence: K·BV fp32 values per program.
@@ -63,5 +63,39 @@ def chunk_forward(
         stages_state=1
         if interpreting()
         else _state_stages(lowrank=lowrank, C=C, KP=KP, BV=BV_state, itemsize=dtype.itemsize),
-        precision="ieee" if dtype == torch.float32 else "tf32",
+        # fp32 inputs: three tf32 products per dot (about fp32's accuracy on the tensor cores);
+        # "ieee" dots compile to scalar FMA loops that spill and take minutes to compile on sm_90.
+        precision="tf32x3" if dtype == torch.float32 else "tf32",
+    )
+
+
+@dataclass(frozen=True)
+class ChunkBackward:
+    C: int  # the backward's chunk size (it recomputes the forward's quantities with it)
+    BV_values: int  # value columns per step of the values kernel (it loops over all of V)
+    warps_values: int
+    BK_keys: int  # channel slice of the keys kernel
+    warps_keys: int
+
+
+def chunk_backward(
+    *, K: int, V: int, C: int, dtype: torch.dtype, lowrank: str = "tied", decay: str = "channel"
+) -> ChunkBackward:
+    """Both per-chunk backward kernels hold several C x C matrices and C x K tiles at once (sm_90,
+    K = V = 128, C = 64: 3-8 KiB of stack per thread). The keys kernel's dot operands take
+    shared memory per C x C matrix, twice over for tf32x3: at C = 64 the general form (bf16:
+    288 KiB) and fp32 inputs (KDA: 288 KiB) exceed Hopper's 227 KiB, so those run the backward
+    with chunks of 32 (general fp32: 72 KiB). The interpreter has no such limit and keeps the
+    caller's chunk size, so CI's fp32 tests still cover the C = 64 kernels that bf16 runs."""
+    KP, VP = triton.next_power_of_2(K), triton.next_power_of_2(V)
+    return ChunkBackward(
+        C=min(C, 32) if (lowrank == "general" or dtype == torch.float32) and not interpreting() else C,
+        BV_values=max(16, min(32, VP)),
+        # H200, (4, 8192, 16, 128), forward+backward: 8 warps for the values kernel without a
+        # low-rank term (simple GLA 8.8 -> 6.6 ms, GLA 17.2 -> 14.9) but not with one (GDN
+        # 13.0 -> 15.2); 8 for the keys kernel under a decay (KDA 29.3 -> 22.0, DPLR 87 -> 63,
+        # GDN 13.0 -> 12.3) but not without (DeltaNet 11.3 -> 11.8).
+        warps_values=8 if lowrank == "none" else 4,
+        BK_keys=max(16, min(64, KP)),
+        warps_keys=4 if decay == "none" else 8,
     )
