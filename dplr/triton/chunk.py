@@ -241,6 +241,8 @@ def backward(problem: Problem, d_out: torch.Tensor, d_final: torch.Tensor | None
         """``[BT, HV, K]`` → ``[B, T, H, K]``: a key head's value heads add up."""
         if like is None:
             return None
+        if HV == H:  # one value head per key head: nothing to add up (and no copy to make)
+            return x.view(B, T, H, K).to(like.dtype)
         return x.view(B, T, H, HV // H, K).sum(3).to(like.dtype)
 
     return (

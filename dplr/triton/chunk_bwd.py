@@ -39,9 +39,9 @@ def _mm(x, y, PREC: tl.constexpr):
 
 
 @triton.jit
-def _accumulate_rows(ptr, value, row0, rows, valid, stride, cols, ncols, FIRST: tl.constexpr):
+def _accumulate_rows(ptr, value, row0, rows, valid, stride, cols, ncols, first):
     """``ptr[rows] (+)= value``: a chunk's private fp32 accumulator in memory."""
-    if not FIRST:
+    if not first:
         value += _load_rows(ptr, row0, rows, valid, stride, cols, ncols)
     _store_rows(ptr, value, row0, rows, valid, stride, cols, ncols)
 
@@ -55,7 +55,11 @@ def chunk_grad_values_kernel(
     LOWRANK: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """``dv [BT, HV, V]``; fp32 accumulators: ``DA_* , DM [BT, HV, C]``, ``DQ_START, DK_END, DB_END,
-    DX [BT, HV, K]``, ``DBETA [BT, HV]``, ``DDECAY [NT, HV, K]``."""
+    DX [BT, HV, K]``, ``DBETA [BT, HV]``, ``DDECAY [NT, HV, K]``.
+
+    Registers: only the ``C x C`` gradients are carried over the value blocks; the chunk's
+    ``C x K`` and ``C x C`` inputs are loaded again in every block (from L2) rather than held,
+    which at K = 128 would fill the register file and spill (sm_90: 3.3 KiB per thread)."""
     cid = tl.program_id(0)
     hv = tl.program_id(1)
     bos = tl.load(chunk_bos + cid).to(tl.int64)
@@ -63,17 +67,8 @@ def chunk_grad_values_kernel(
     i = tl.arange(0, C)
     valid = i < n
     kk = tl.arange(0, KP)
-    A_qk = _load_rows(A_QK + hv * C, bos, i, valid, HV * C, i, C).to(tl.float32)
-    k_end = _load_rows(K_END + hv * K, bos, i, valid, HV * K, kk, K)
-    if LOWRANK != LOWRANK_NONE:
-        x_c = _load_rows(X_START + hv * K, bos, i, valid, HV * K, kk, K)
-        m_c = _load_rows(M_SOLVE + hv * C, bos, i, valid, HV * C, i, C).to(tl.float32)
     if LOWRANK == LOWRANK_TIED:
         beta_c = tl.load(beta + (bos + i) * HV + hv, mask=valid, other=0.0).to(tl.float32)
-    if LOWRANK == LOWRANK_GENERAL:
-        A_qb = _load_rows(A_QB + hv * C, bos, i, valid, HV * C, i, C).to(tl.float32)
-        A_ak = _load_rows(A_AK + hv * C, bos, i, valid, HV * C, i, C).to(tl.float32)
-        b_end = _load_rows(B_END + hv * K, bos, i, valid, HV * K, kk, K)
 
     dA_qk = tl.zeros((C, C), tl.float32)
     dA_qb = tl.zeros((C, C), tl.float32)
@@ -81,7 +76,8 @@ def chunk_grad_values_kernel(
     dM = tl.zeros((C, C), tl.float32)
     dbeta = tl.zeros((C,), tl.float32)
     ddecay = tl.zeros((KP,), tl.float32)
-    for v0 in tl.static_range(0, V, BV):
+    for v0 in range(0, V, BV):
+        first = v0 == 0
         vcols = v0 + tl.arange(0, BV)
         state_mask = (kk < K)[:, None] & (vcols < V)[None, :]
         state = ((cid * HV + hv) * K + kk[:, None]).to(tl.int64) * V + vcols[None, :]
@@ -89,7 +85,11 @@ def chunk_grad_values_kernel(
         dS = tl.load(DSTATES + state, mask=state_mask, other=0.0)
         v_c = _load_rows(v + hv * V, bos, i, valid, HV * V, vcols, V).to(tl.float32)
         do_c = _load_rows(do + hv * V, bos, i, valid, HV * V, vcols, V).to(tl.float32) * scale
-        first = v0 == 0
+        A_qk = _load_rows(A_QK + hv * C, bos, i, valid, HV * C, i, C)
+        k_end = _load_rows(K_END + hv * K, bos, i, valid, HV * K, kk, K)
+        if LOWRANK != LOWRANK_NONE:
+            x_c = _load_rows(X_START + hv * K, bos, i, valid, HV * K, kk, K)
+            m_c = _load_rows(M_SOLVE + hv * C, bos, i, valid, HV * C, i, C)
         if LOWRANK == LOWRANK_TIED:
             Rv = v_c - _mm(x_c, S, PREC)
             P = _mm(m_c, beta_c[:, None] * Rv, PREC)
@@ -102,6 +102,9 @@ def chunk_grad_values_kernel(
             _accumulate_rows(DK_END + hv * K, _dot_t(P, dS, PREC), bos, i, valid, HV * K, kk, K, first)
             _accumulate_rows(DX + hv * K, -_dot_t(dv_c, S, PREC), bos, i, valid, HV * K, kk, K, first)
         elif LOWRANK == LOWRANK_GENERAL:
+            A_qb = _load_rows(A_QB + hv * C, bos, i, valid, HV * C, i, C)
+            A_ak = _load_rows(A_AK + hv * C, bos, i, valid, HV * C, i, C)
+            b_end = _load_rows(B_END + hv * K, bos, i, valid, HV * K, kk, K)
             R = _mm(x_c, S, PREC) + _mm(A_ak, v_c, PREC)
             P = _mm(m_c, R, PREC)
             dA_qk += _dot_t(do_c, v_c, PREC)
