@@ -126,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Subcommands that live with their code register here, one line each: module.add_subcommand(sub)
     accounting.add_subcommand(sub)
+    accounting.bench.add_subcommand(sub)
     tasks.mqar.add_subcommand(sub)
 
     ns = parser.parse_args(argv)

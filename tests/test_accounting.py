@@ -334,3 +334,30 @@ def test_chunk_count_matches_the_layout():
     for T, C in ((0, 16), (1, 16), (64, 64), (65, 64), (1000, 32)):
         layout = ChunkLayout.build(batch=3, seq_len=T, cu_seqlens=None, chunk_size=C, device="cpu")
         assert Shape(B=3, T=T, H=1, K=8, V=8, C=C).chunks == layout.num_chunks == 3 * math.ceil(T / C)
+
+
+def test_bench_cli_times_each_op_beside_its_floor(tmp_path, capsys):
+    """``python -m dplr bench`` on CPU: the PyTorch path timed, forward and forward+backward,
+    and set against the floors (printed and written as JSON)."""
+    import json
+
+    from dplr.cli import main
+
+    assert main(["bench", "--shape", "1,40,1,16,16", "--chunk", "16", "--family", "gla", "--repeats", "1",
+                 "--out", str(tmp_path)]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "gla: measured against the floor" in printed and "fwd+bwd" in printed
+    (path,) = tmp_path.glob("bench_*.json")
+    saved = json.loads(path.read_text())
+    assert set(saved["seconds"]["gla"]) == {"fwd", "fwd+bwd"}
+    assert all(s > 0 for s in saved["seconds"]["gla"].values())
+    assert saved["totals"]["gla"]["fwd"]["fused_floor_s"] > 0
+
+
+def test_bench_cli_asks_for_a_shape_without_a_gpu():
+    from dplr.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("the default shape is for a GPU, and there is one")
+    with pytest.raises(SystemExit, match="--shape"):
+        main(["bench"])

@@ -8,9 +8,11 @@ structure, with roofline floors on a device (DESIGN §1, face 2; the derivation 
   ``FlopCounterMode`` by the tests;
 * :mod:`.roofline` — device presets, ``measure_device()``, floors and the binding resource;
 * :mod:`.report` — the report dict (saved as JSON), its tables, the DPLR/KDA ratios, the chart
-  and measured times beside the floors.
+  and measured times beside the floors;
+* :mod:`.bench` — ``python -m dplr bench``: each chunk op timed here, beside its floors.
 """
 
+from . import bench
 from .cli import add_subcommand
 from .model import Account, Precision, Shape, StageCost, account, attention_cost, recurrent_cost
 from .report import build, chart, text, with_measured
@@ -28,6 +30,7 @@ __all__ = [
     "account",
     "add_subcommand",
     "attention_cost",
+    "bench",
     "build",
     "chart",
     "floor",
