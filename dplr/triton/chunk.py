@@ -186,7 +186,7 @@ def backward(problem: Problem, d_out: torch.Tensor, d_final: torch.Tensor | None
     state_pass(p, prep, C, cfg, states=states)
 
     def f32(*shape: int, used: bool = True) -> torch.Tensor:
-        return torch.empty(*shape, device=device, dtype=torch.float32) if used else states.new_empty(0)
+        return torch.empty(*shape if used else (0,), device=device, dtype=torch.float32)
 
     has_rank, general, tied = lowrank is not LowRank.NONE, lowrank is LowRank.GENERAL, lowrank is LowRank.TIED
     do = _tokens(d_out)
@@ -212,12 +212,8 @@ def backward(problem: Problem, d_out: torch.Tensor, d_final: torch.Tensor | None
     db_end, dx = f32(NT, HV, K, used=general), f32(NT, HV, K, used=has_rank)
     dbeta = f32(NT, HV, used=tied)
     d_decay = f32(index.num_chunks, HV, K)
-    # the inputs' gradients per value head, summed over a key head's value heads below
-    dq, dk = f32(NT, HV, K), f32(NT, HV, K)
-    da, db = f32(NT, HV, K, used=general), f32(NT, HV, K, used=general)
-    dg = None if p.g is None else f32(NT, HV, *p.g.shape[3:])
+    grid = (index.num_chunks, HV)
     if index.num_chunks:
-        grid = (index.num_chunks, HV)
         chunk_grad_values_kernel[grid](
             _tokens(p.v), do if beta is None else beta, do, states, d_states, prep.x_start, prep.M, prep.A_ak,
             prep.k_end, prep.b_end, prep.A_qk, prep.A_qb,
@@ -226,12 +222,21 @@ def backward(problem: Problem, d_out: torch.Tensor, d_final: torch.Tensor | None
             HV=HV, K=K, V=V, KP=KP, C=C, BV=bwd.BV_values, LOWRANK=structure["LOWRANK"],
             PREC=cfg.precision, num_warps=bwd.warps_values,
         )  # fmt: skip
+    G_cum, M_solve, A_kk, decay_end = prep.G, prep.M, prep.A_kk, prep.decay_end
+    # The chunk states, their gradients and the forward's other tiles are done with: freed before
+    # the keys kernel's outputs exist, which takes 2 x [chunks, HV, K, V] fp32 off the peak.
+    del prep, states, d_states
+    # the inputs' gradients per value head, summed over a key head's value heads below
+    dq, dk = f32(NT, HV, K), f32(NT, HV, K)
+    da, db = f32(NT, HV, K, used=general), f32(NT, HV, K, used=general)
+    dg = None if p.g is None else f32(NT, HV, *p.g.shape[3:])
+    if index.num_chunks:
         q, k, g, a, b = (_tokens(x) for x in (p.q, p.k, p.g, p.a, p.b))
         L = min(16, C)
         chunk_grad_keys_kernel[grid](
             q, k, q if g is None else g, q if a is None else a, q if b is None else b, do if beta is None else beta,
-            prep.G, prep.M, prep.A_kk, dA_qk, dA_qb, dA_ak, dM, dq_start, dk_end, db_end, dx, d_decay,
-            prep.decay_end, dbeta, dq, dk, da, db, dq if dg is None else dg,
+            G_cum, M_solve, A_kk, dA_qk, dA_qb, dA_ak, dM, dq_start, dk_end, db_end, dx, d_decay,
+            decay_end, dbeta, dq, dk, da, db, dq if dg is None else dg,
             index.chunk_bos, index.chunk_len,
             H=H, HV=HV, K=K, C=C, L=L, LEVELS=int(math.log2(C // L)), BK=bwd.BK_keys,
             PREC=cfg.precision, num_warps=bwd.warps_keys, **structure,
