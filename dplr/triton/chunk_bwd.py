@@ -29,7 +29,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .intra import LIMIT, _dot_t, _gather_G, _load_rows, _store_rows
+from .intra import LIMIT, _dot_t, _gather_G, _key_slices, _load_rows, _store_rows
+from .state import _state_offsets
 from .structure import DECAY_CHANNEL, DECAY_NONE, DECAY_SCALAR, LOWRANK_GENERAL, LOWRANK_NONE, LOWRANK_TIED
 
 
@@ -44,6 +45,19 @@ def _accumulate_rows(ptr, value, row0, rows, valid, stride, cols, ncols, FIRST: 
     if not FIRST:
         value += _load_rows(ptr, row0, rows, valid, stride, cols, ncols)
     _store_rows(ptr, value, row0, rows, valid, stride, cols, ncols)
+
+
+@triton.jit
+def _chunk_tiles(A_QK, K_END, X_START, M_SOLVE, hv, bos, i, valid, kk, HV, K, C, LOWRANK: tl.constexpr):
+    """The chunk's inputs to the values kernel: ``A_qk``, ``K_end`` and, with a low-rank term,
+    ``X_start`` and the solve ``M`` (else stand-ins that go unused)."""
+    A_qk = _load_rows(A_QK + hv * C, bos, i, valid, HV * C, i, C)
+    k_end = _load_rows(K_END + hv * K, bos, i, valid, HV * K, kk, K)
+    x_c, m_c = k_end, A_qk
+    if LOWRANK != LOWRANK_NONE:
+        x_c = _load_rows(X_START + hv * K, bos, i, valid, HV * K, kk, K)
+        m_c = _load_rows(M_SOLVE + hv * C, bos, i, valid, HV * C, i, C)
+    return A_qk, k_end, x_c, m_c
 
 
 @triton.jit
@@ -70,10 +84,9 @@ def chunk_grad_values_kernel(
     kk = tl.arange(0, KP)
     if LOWRANK == LOWRANK_TIED:
         beta_c = tl.load(beta + (bos + i) * HV + hv, mask=valid, other=0.0).to(tl.float32)
-        held_A_qk = _load_rows(A_QK + hv * C, bos, i, valid, HV * C, i, C)
-        held_k_end = _load_rows(K_END + hv * K, bos, i, valid, HV * K, kk, K)
-        held_x_c = _load_rows(X_START + hv * K, bos, i, valid, HV * K, kk, K)
-        held_m_c = _load_rows(M_SOLVE + hv * C, bos, i, valid, HV * C, i, C)
+        held_A_qk, held_k_end, held_x_c, held_m_c = _chunk_tiles(
+            A_QK, K_END, X_START, M_SOLVE, hv, bos, i, valid, kk, HV, K, C, LOWRANK
+        )
 
     dA_qk = tl.zeros((C, C), tl.float32)
     dA_qb = tl.zeros((C, C), tl.float32)
@@ -85,7 +98,7 @@ def chunk_grad_values_kernel(
         first = v0 == 0
         vcols = v0 + tl.arange(0, BV)
         state_mask = (kk < K)[:, None] & (vcols < V)[None, :]
-        state = ((cid * HV + hv) * K + kk[:, None]).to(tl.int64) * V + vcols[None, :]
+        state = _state_offsets(cid, hv, kk, vcols, HV, K, V)
         S = tl.load(STATES + state, mask=state_mask, other=0.0)
         dS = tl.load(DSTATES + state, mask=state_mask, other=0.0)
         v_c = _load_rows(v + hv * V, bos, i, valid, HV * V, vcols, V).to(tl.float32)
@@ -93,11 +106,9 @@ def chunk_grad_values_kernel(
         if LOWRANK == LOWRANK_TIED:
             A_qk, k_end, x_c, m_c = held_A_qk, held_k_end, held_x_c, held_m_c
         else:
-            A_qk = _load_rows(A_QK + hv * C, bos, i, valid, HV * C, i, C)
-            k_end = _load_rows(K_END + hv * K, bos, i, valid, HV * K, kk, K)
-        if LOWRANK == LOWRANK_GENERAL:
-            x_c = _load_rows(X_START + hv * K, bos, i, valid, HV * K, kk, K)
-            m_c = _load_rows(M_SOLVE + hv * C, bos, i, valid, HV * C, i, C)
+            A_qk, k_end, x_c, m_c = _chunk_tiles(
+                A_QK, K_END, X_START, M_SOLVE, hv, bos, i, valid, kk, HV, K, C, LOWRANK
+            )
         if LOWRANK == LOWRANK_TIED:
             Rv = v_c - _mm(x_c, S, PREC)
             P = _mm(m_c, beta_c[:, None] * Rv, PREC)
@@ -368,13 +379,7 @@ def chunk_grad_keys_kernel(
 
     for k0 in range(0, K, BK):
         cols = k0 + tl.arange(0, BK)
-        q_t = _load_rows(q + h * K, bos, i, valid, H * K, cols, K).to(tl.float32)
-        k_t = _load_rows(k + h * K, bos, i, valid, H * K, cols, K).to(tl.float32)
-        a_t = q_t
-        b_t = k_t
-        if LOWRANK == LOWRANK_GENERAL:
-            a_t = _load_rows(a + h * K, bos, i, valid, H * K, cols, K).to(tl.float32)
-            b_t = _load_rows(b + h * K, bos, i, valid, H * K, cols, K).to(tl.float32)
+        q_t, k_t, a_t, b_t = _key_slices(q, k, a, b, h, bos, i, valid, H, cols, K, LOWRANK)
         if DECAY == DECAY_CHANNEL:
             g_t = _load_rows(g + hv * K, bos, i, valid, HV * K, cols, K).to(tl.float64)
             # fp64 sums: the gate's gradient isolates the factors of a pair or of a token's way

@@ -47,6 +47,19 @@ def _load_rows(ptr, row0, rows, valid, stride, cols, ncols):
 
 
 @triton.jit
+def _key_slices(q, k, a, b, h, row0, rows, valid, H, cols, K, LOWRANK: tl.constexpr):
+    """Channel slice ``cols`` of a chunk's ``q, k`` and (general form) ``a, b``, in fp32; without
+    ``a, b`` the returned pair stands in for them unused."""
+    q_t = _load_rows(q + h * K, row0, rows, valid, H * K, cols, K).to(tl.float32)
+    k_t = _load_rows(k + h * K, row0, rows, valid, H * K, cols, K).to(tl.float32)
+    a_t, b_t = q_t, k_t
+    if LOWRANK == LOWRANK_GENERAL:
+        a_t = _load_rows(a + h * K, row0, rows, valid, H * K, cols, K).to(tl.float32)
+        b_t = _load_rows(b + h * K, row0, rows, valid, H * K, cols, K).to(tl.float32)
+    return q_t, k_t, a_t, b_t
+
+
+@triton.jit
 def _store_rows(ptr, value, row0, rows, valid, stride, cols, ncols):
     mask = valid[:, None] & (cols < ncols)[None, :]
     offsets = (row0 + rows)[:, None].to(tl.int64) * stride + cols[None, :]
@@ -210,13 +223,7 @@ def chunk_prepare_kernel(
 
     for k0 in range(0, K, BK):
         cols = k0 + tl.arange(0, BK)
-        q_t = _load_rows(q + h * K, bos, i, valid, H * K, cols, K).to(tl.float32)
-        k_t = _load_rows(k + h * K, bos, i, valid, H * K, cols, K).to(tl.float32)
-        a_t = q_t
-        b_t = k_t
-        if LOWRANK == LOWRANK_GENERAL:
-            a_t = _load_rows(a + h * K, bos, i, valid, H * K, cols, K).to(tl.float32)
-            b_t = _load_rows(b + h * K, bos, i, valid, H * K, cols, K).to(tl.float32)
+        q_t, k_t, a_t, b_t = _key_slices(q, k, a, b, h, bos, i, valid, H, cols, K, LOWRANK)
         if DECAY == DECAY_CHANNEL:
             g_t = _load_rows(g + hv * K, bos, i, valid, HV * K, cols, K).to(tl.float32)
             G = tl.cumsum(g_t, axis=0)

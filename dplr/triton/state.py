@@ -29,6 +29,12 @@ def _mm(x, y, PREC: tl.constexpr):
 
 
 @triton.jit
+def _state_offsets(row, hv, kk, vcols, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr):
+    """Offsets of the ``[KP, BV]`` tile ``(kk, vcols)`` of state ``(row, hv)`` in ``[.., HV, K, V]``."""
+    return ((row * HV + hv) * K + kk[:, None]).to(tl.int64) * V + vcols[None, :]
+
+
+@triton.jit
 def chunk_state_kernel(
     X_START, M_SOLVE, A_AK, Q_START, K_END, B_END, A_QK, A_QB, DECAY_END, v, beta, o, h0, ht, STATES,
     seq_bos, seq_len, seq_chunk0, scale,
@@ -50,7 +56,7 @@ def chunk_state_kernel(
     kk = tl.arange(0, KP)
     vcols = vb * BV + tl.arange(0, BV)
     state_mask = (kk < K)[:, None] & (vcols < V)[None, :]
-    state_ptr = ((n * HV + hv) * K + kk[:, None]).to(tl.int64) * V + vcols[None, :]
+    state_ptr = _state_offsets(n, hv, kk, vcols, HV, K, V)
 
     S = tl.zeros((KP, BV), dtype=tl.float32)
     if USE_H0:
@@ -60,7 +66,7 @@ def chunk_state_kernel(
         row0 = bos + c * C
         valid = c * C + i < length
         if STORE_STATES:  # the chunk's initial state, for the backward
-            chunk_state = (((chunk0 + c) * HV + hv) * K + kk[:, None]).to(tl.int64) * V + vcols[None, :]
+            chunk_state = _state_offsets(chunk0 + c, hv, kk, vcols, HV, K, V)
             tl.store(STATES + chunk_state, S, mask=state_mask)
         q_start = _load_rows(Q_START + hv * K, row0, i, valid, HV * K, kk, K)
         k_end = _load_rows(K_END + hv * K, row0, i, valid, HV * K, kk, K)
@@ -129,7 +135,7 @@ def chunk_state_bwd_kernel(
     kk = tl.arange(0, KP)
     vcols = vb * BV + tl.arange(0, BV)
     state_mask = (kk < K)[:, None] & (vcols < V)[None, :]
-    state_ptr = ((n * HV + hv) * K + kk[:, None]).to(tl.int64) * V + vcols[None, :]
+    state_ptr = _state_offsets(n, hv, kk, vcols, HV, K, V)
 
     dS = tl.zeros((KP, BV), dtype=tl.float32)
     if USE_DHT:
@@ -139,7 +145,7 @@ def chunk_state_bwd_kernel(
         c = chunks - 1 - back
         row0 = bos + c * C
         valid = c * C + i < length
-        chunk_state = (((chunk0 + c) * HV + hv) * K + kk[:, None]).to(tl.int64) * V + vcols[None, :]
+        chunk_state = _state_offsets(chunk0 + c, hv, kk, vcols, HV, K, V)
         tl.store(DSTATES + chunk_state, dS, mask=state_mask)
         do_c = (_load_rows(do + hv * V, row0, i, valid, HV * V, vcols, V).to(tl.float32) * scale).to(
             do.dtype.element_ty
