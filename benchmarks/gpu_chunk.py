@@ -145,7 +145,6 @@ CASES = ((torch.bfloat16, None), (torch.bfloat16, [0, 37, 37, 200]), (torch.floa
 
 def check_cases(name: str, grads: bool) -> list[dict]:
     """Every case of one family (a worker's job when the check runs in several processes)."""
-    os.environ["DPLR_BACKEND"] = "triton"
     rows = []
     for dtype, cu in CASES:
         try:
@@ -160,7 +159,6 @@ def check_cases(name: str, grads: bool) -> list[dict]:
 
 def warm(name: str, H: int, K: int, variant: str, backward: bool) -> None:
     """Compile one family's kernels for a shape class (T and B are not compile-time constants)."""
-    os.environ["DPLR_BACKEND"] = "triton"
     with backward_variant(variant):
         args = gpu_inputs(name, 1, 256, H, K)
         for key in float_tensors(args) if backward else []:
@@ -227,18 +225,24 @@ def backward_variant(name: str):
 # 2. speed
 
 
+def timed_step(fn, *, backward: bool):
+    """fn(), or fn() and the backward of its output against a fixed random gradient."""
+    if not backward:
+        return fn
+    grad = torch.randn_like(fn()[0])
+
+    def step():
+        fn()[0].backward(grad)
+
+    return step
+
+
 def bench(fn, *, backward: bool) -> tuple[float, float]:
     """Median ms and peak memory (GiB above the inputs) of fn() or fn() + backward."""
     from triton.testing import do_bench
 
-    def step():
-        out = fn()
-        if backward:
-            o, _ = out
-            o.backward(grad)
-
-    out = fn()
-    grad = torch.randn_like(out[0]) if backward else None
+    step = timed_step(fn, backward=backward)
+    fn()
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -253,11 +257,7 @@ def kernel_times(fn, *, backward: bool, repeats: int = 3) -> dict:
     """Device time per kernel name (ms per call) of fn() or fn() + backward, from the profiler."""
     from torch.profiler import ProfilerActivity, profile
 
-    def step():
-        out = fn()
-        if backward:
-            out[0].backward(torch.ones_like(out[0]))
-
+    step = timed_step(fn, backward=backward)
     step()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -387,7 +387,8 @@ def main() -> int:
     out_dir = Path(ns.out)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    # The Triton kernels themselves, forward and backward, checked or not (the check is below).
+    # The Triton kernels themselves, forward and backward, checked or not (the check is below);
+    # set before any worker process starts, so the workers inherit it.
     os.environ["DPLR_BACKEND"] = "triton"
     has_bwd = triton_path.has_backward(64, checked_on_gpu=False)
     backward = {"auto": has_bwd, "yes": True, "no": False}[ns.backward]

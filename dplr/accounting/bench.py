@@ -13,7 +13,7 @@ import argparse
 import json
 import statistics
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -110,7 +110,7 @@ def cmd_bench(ns: argparse.Namespace) -> int:
         path = out / f"bench_{slug}_B{shape.B}_T{shape.T}_H{shape.H}_K{shape.K}_V{shape.V}_C{shape.C}.json"
         floors = {label: report["families"][label]["totals"] for label in measured}
         path.write_text(json.dumps(dict(
-            measured_on=where, dtype=str(dtype), floors_of=asdict(replace(rates)), shape=asdict(shape),
+            measured_on=where, dtype=str(dtype), floors_of=asdict(rates), shape=asdict(shape),
             seconds=measured, totals=floors, meta=report["meta"],
         ), indent=1) + "\n")  # fmt: skip
         print(f"wrote {path}")
