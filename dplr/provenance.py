@@ -3,6 +3,7 @@ benchmarks and the CLI write (DESIGN §8, rule 10)."""
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import time
@@ -12,14 +13,23 @@ import torch
 
 
 def git_commit() -> str:
-    """The commit of the checkout dplr runs from, or ``unknown``."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
-        )
-    except (OSError, subprocess.SubprocessError):
+    """The commit of the code that runs: ``$DPLR_COMMIT`` when set (a copy of the tree without its
+    own git history, such as the GPU machine's, is told it by the caller), else the checkout's
+    HEAD with ``-dirty`` appended when tracked files differ from it, else ``unknown``."""
+    if os.environ.get("DPLR_COMMIT"):
+        return os.environ["DPLR_COMMIT"]
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    head = git("rev-parse", "HEAD")
+    if head is None:
         return "unknown"
-    return out.stdout.strip() if out.returncode == 0 else "unknown"
+    return head + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def environment(device: torch.device | str | None = None) -> dict:
