@@ -18,8 +18,9 @@ back through ``expand`` to the parameter's own shape.
 ``chunk_gla``, ``chunk_kda``, ``chunk_dplr_delta_rule`` and their ``fused_recurrent_*`` twins
 take ``gv [B, T, HV, V]``, a log decay (``<= 0``) per value channel that scales the state's
 columns after the key-side transition: ``S_t = (Diag(exp(g_t)) + b_t a_tᵀ) S_{t-1}
-Diag(exp(gv_t)) + k_t v_tᵀ`` (docs/value-decay.md). Only the PyTorch path runs it: with
-``DPLR_BACKEND=auto`` such calls go there on any device; ``DPLR_BACKEND=triton`` raises.
+Diag(exp(gv_t)) + k_t v_tᵀ`` (docs/value-decay.md). The Triton recurrent kernels run it; the
+chunk ops run it on the PyTorch path only: with ``DPLR_BACKEND=auto`` such calls go there on any
+device; ``DPLR_BACKEND=triton`` raises.
 """
 
 from __future__ import annotations
@@ -182,17 +183,18 @@ def _dispatch(problem: Problem, mode: str, chunk_size: int) -> tuple[torch.Tenso
         backend = "triton" if _triton_suits(problem, kernel_chunk) else "torch"
     elif backend == "triton" and not _triton_available():
         raise RuntimeError("DPLR_BACKEND=triton, but triton does not import")
-    elif backend == "triton" and torch_only(problem):
+    elif backend == "triton" and torch_only(problem, kernel_chunk):
         raise NotImplementedError(
-            f"DPLR_BACKEND=triton: the Triton kernels do not support {torch_only(problem)}; "
+            f"DPLR_BACKEND=triton: the Triton kernels do not support {torch_only(problem, kernel_chunk)}; "
             "use DPLR_BACKEND=auto (which sends such calls to the PyTorch path) or torch"
         )
     return library.dispatch(problem, kernel_chunk, backend)
 
 
-def torch_only(problem: Problem) -> str | None:
-    """What in a call only the PyTorch path runs (named for the error), or ``None``."""
-    if problem.transition.value_decay:
+def torch_only(problem: Problem, chunk_size: int) -> str | None:
+    """What in a call only the PyTorch path runs (named for the error), or ``None``;
+    ``chunk_size == library.RECURRENT_CHUNK`` for the recurrent kernels."""
+    if problem.transition.value_decay and chunk_size != library.RECURRENT_CHUNK:
         return "gv (the value-side decay)"
     return None
 
@@ -202,11 +204,12 @@ def _triton_suits(problem: Problem, chunk_size: int) -> bool:
     a gradient will be asked for."""
     if not (problem.q.is_cuda and problem.q.dtype != torch.float64 and _triton_available()):
         return False
-    if torch_only(problem):
+    if torch_only(problem, chunk_size):
         return False
     from . import triton as triton_path
 
-    tensors = (problem.q, problem.k, problem.v, problem.g, problem.beta, problem.a, problem.b, problem.initial_state)
+    p = problem
+    tensors = (p.q, p.k, p.v, p.g, p.beta, p.a, p.b, p.initial_state, p.gv)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     return not needs_grad or triton_path.has_backward(chunk_size)
 
@@ -414,7 +417,7 @@ def fused_recurrent_gla(
     cu_seqlens=None,
     cu_seqlens_cpu=None,
 ) -> Output:
-    """:func:`chunk_gla`, token by token (``gv`` as there: PyTorch path only)."""
+    """:func:`chunk_gla`, token by token (``gv`` as there, on the Triton kernels too)."""
     return _run("gla", RECURRENT, locals())
 
 
@@ -482,7 +485,7 @@ def fused_recurrent_kda(
     cu_seqlens=None,
     cu_seqlens_cpu=None,
 ) -> Output:
-    """:func:`chunk_kda`, token by token (``gv`` as there: PyTorch path only)."""
+    """:func:`chunk_kda`, token by token (``gv`` as there, on the Triton kernels too)."""
     return _run("kda", RECURRENT, locals())
 
 
@@ -503,7 +506,7 @@ def fused_recurrent_dplr_delta_rule(
     cu_seqlens=None,
     cu_seqlens_cpu=None,
 ) -> Output:
-    """:func:`chunk_dplr_delta_rule`, token by token (``gv`` as there: PyTorch path only)."""
+    """:func:`chunk_dplr_delta_rule`, token by token (``gv`` as there, on the Triton kernels too)."""
     return _run("dplr_delta_rule", RECURRENT, locals())
 
 

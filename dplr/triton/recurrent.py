@@ -74,8 +74,13 @@ def _inputs(problem: Problem) -> dict:
     p = problem
     return {
         name: None if x is None else x.contiguous()
-        for name, x in dict(q=p.q, k=p.k, v=p.v, g=p.g, beta=p.beta, a=p.a, b=p.b).items()
+        for name, x in dict(q=p.q, k=p.k, v=p.v, g=p.g, beta=p.beta, a=p.a, b=p.b, gv=p.gv).items()
     }
+
+
+def _structure(problem: Problem) -> dict:
+    """The structure constexprs of a launch: the key side's, and whether ``gv`` decays the columns."""
+    return {**constexprs(problem.transition), "VALUE_DECAY": problem.transition.value_decay}
 
 
 def _device_int64(values: list[int] | None, device: torch.device) -> torch.Tensor | None:
@@ -123,14 +128,14 @@ def _forward(problem: Problem, *, store_o: bool, every: int) -> tuple:
         offsets = _device_int64(first, device) if p.cu_seqlens is not None else None
     if N * HV:
         recurrent_fwd_kernel[(N * HV, triton.cdiv(V, tile.BV))](
-            x["q"], x["k"], x["v"], x["g"], x["beta"], x["a"], x["b"],
+            x["q"], x["k"], x["v"], x["g"], x["beta"], x["a"], x["b"], x["gv"],
             o, h0, final, None, 0,
             ckpt, offsets,
             _device_int64(p.cu_seqlens, device),
             p.scale, T,
             *final.stride(),
             *(final if ckpt is None else ckpt).stride(),
-            H=H, HV=HV, K=K, V=V, BK=tile.BK, BV=tile.BV, **constexprs(p.transition),
+            H=H, HV=HV, K=K, V=V, BK=tile.BK, BV=tile.BV, **_structure(p),
             SAVE=SAVE_CHECKPOINTS if every else SAVE_NONE, CK=max(every, 1),
             HAS_H0=h0 is not None, HAS_HT=True, STORE_O=store_o, POOL=False, VARLEN=p.cu_seqlens is not None,
             ACC=_acc(dtype), num_warps=tile.num_warps,
@@ -139,8 +144,8 @@ def _forward(problem: Problem, *, store_o: bool, every: int) -> tuple:
 
 
 def backward(problem: Problem, d_out: torch.Tensor, d_final: torch.Tensor | None, chunk_size: int) -> tuple:
-    """Gradients of ``(q, k, v, g, beta, a, b, initial_state)`` (``None`` for absent inputs), each
-    in its input's dtype, from ``d_out [B, T, HV, V]`` and ``d_final [N, HV, K, V]``."""
+    """Gradients of ``(q, k, v, g, beta, a, b, initial_state, gv)`` (``None`` for absent inputs),
+    each in its input's dtype, from ``d_out [B, T, HV, V]`` and ``d_final [N, HV, K, V]``."""
     _check_supported(problem)
     p, dtype, device = problem, problem.compute_dtype, problem.q.device
     B, T, H, K = p.q.shape
@@ -157,7 +162,7 @@ def backward(problem: Problem, d_out: torch.Tensor, d_final: torch.Tensor | None
     # columns (and each value head of a key-head group) its own slice, summed below in order.
     r_key, r_val = (1, 1) if atomic else (NV * G, NV)
     alloc = torch.zeros if atomic else torch.empty
-    structure = constexprs(p.transition)
+    structure = _structure(p)
     general, tied = p.a is not None, p.beta is not None
 
     def buffer(rows: int, *shape: int) -> torch.Tensor:
@@ -168,6 +173,7 @@ def backward(problem: Problem, d_out: torch.Tensor, d_final: torch.Tensor | None
     dg = None if p.g is None else buffer(r_val, HV, K) if p.g.dim() == 4 else buffer(r_val, HV)
     dbeta = buffer(r_val, HV) if tied else None
     dv = torch.empty(B, T, HV, V, dtype=dtype, device=device)
+    dgv = None if p.gv is None else torch.empty(B, T, HV, V, dtype=dtype, device=device)
     dh0 = torch.empty(N, HV, K, V, dtype=dtype, device=device)
     if d_final is None:
         d_final = dh0.new_zeros(N, HV, K, V)
@@ -176,11 +182,11 @@ def backward(problem: Problem, d_out: torch.Tensor, d_final: torch.Tensor | None
         first, _ = _checkpoint_offsets(p, every)
         x = _inputs(p)
         recurrent_bwd_kernel[(N * HV, NV)](
-            x["q"], x["k"], x["v"], x["g"], x["beta"], x["a"], x["b"],
+            x["q"], x["k"], x["v"], x["g"], x["beta"], x["a"], x["b"], x["gv"],
             ckpt, _device_int64(first, device) if p.cu_seqlens is not None else None,
             _device_int64(p.cu_seqlens, device),
             d_out.to(dtype).contiguous(), d_final.to(dtype).contiguous(), scratch,
-            dq, dk, dv, dg, dbeta, da, db, dh0,
+            dq, dk, dv, dg, dbeta, da, db, dgv, dh0,
             p.scale, T, NT,
             H=H, HV=HV, K=K, V=V, BK=tile.BK, BV=tile.BV, **structure, CK=every,
             ATOMIC=atomic, VARLEN=p.cu_seqlens is not None, ACC=_acc(dtype), num_warps=tile.num_warps,
@@ -198,6 +204,7 @@ def backward(problem: Problem, d_out: torch.Tensor, d_final: torch.Tensor | None
         reduce(da, p.a),
         reduce(db, p.b),
         None if p.initial_state is None else dh0.to(p.initial_state.dtype),
+        None if p.gv is None else dgv.to(p.gv.dtype),
     )
 
 
@@ -231,13 +238,13 @@ def decode(
     x = _inputs(p)
     if N * HV * T:
         recurrent_fwd_kernel[(N * HV, triton.cdiv(V, tile.BV))](
-            x["q"], x["k"], x["v"], x["g"], x["beta"], x["a"], x["b"],
+            x["q"], x["k"], x["v"], x["g"], x["beta"], x["a"], x["b"], x["gv"],
             o, pool, pool, slots, pool.shape[0],
             inter, None, None,
             p.scale, T,
             pool.stride(0), pool.stride(1), *kv_strides(pool),
             *save_strides,
-            H=H, HV=HV, K=K, V=V, BK=tile.BK, BV=tile.BV, **constexprs(p.transition),
+            H=H, HV=HV, K=K, V=V, BK=tile.BK, BV=tile.BV, **_structure(p),
             SAVE=SAVE_EVERY_TOKEN if intermediate else SAVE_NONE, CK=1,
             HAS_H0=True, HAS_HT=True, STORE_O=True, POOL=True, VARLEN=False,
             ACC=_acc(acc), num_warps=tile.num_warps,

@@ -20,6 +20,11 @@ Per token, with ``D = Diag(exp(g))`` and ``dS`` the gradient of ``S_t`` (the out
   ``d(D P) = dS − beta k dv'ᵀ``, ``dP = D d(D P)``;
 
 and ``dg = Σ_v d(D P) ⊙ D P`` (per key row for a channel decay, over the tile for a scalar).
+With a value decay (``VALUE_DECAY``, ``Γ = Diag(exp(gv))``) the carried state is
+``C = (D P + b xᵀ) Γ`` in place of ``D P + b xᵀ`` (the tied read uses ``C`` too); then
+``dgv = Σ_k dC ⊙ C`` per column and the gradient entering the key-side rules above is
+``dC Γ``. Only factors ``exp(gv) <= 1`` appear (``C`` is recomputed forwards, never divided), so
+``gv = -60`` per step is as safe as ``g``. ``dgv``, like ``dv``, belongs to one program's columns.
 Gradients that sum over value columns (``dq, dk, dg, dbeta, da, db``) are partial per block
 of ``BV`` columns: ``ATOMIC`` adds them into one buffer, otherwise each block (and each value
 head of a key-head group) writes its own slice and the caller sums them, bit-reproducibly.
@@ -30,7 +35,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .recurrent_fwd import CHANNEL, GENERAL, SCALAR, TIED, decay_rows, load_token, step
+from .recurrent_fwd import CHANNEL, GENERAL, SCALAR, TIED, carry, decay_rows, load_token, step
 
 
 @triton.jit
@@ -44,19 +49,19 @@ def accumulate(ptr, val, mask, ATOMIC: tl.constexpr):
 
 @triton.jit(do_not_specialize=["T", "NT"])
 def recurrent_bwd_kernel(
-    q, k, v, g, beta, a, b,
+    q, k, v, g, beta, a, b, gv,
     ckpt, ckpt_offsets, cu_seqlens,
     do, dht, scratch,
-    dq, dk, dv, dg, dbeta, da, db, dh0,
+    dq, dk, dv, dg, dbeta, da, db, dgv, dh0,
     scale, T, NT,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr,
-    DECAY: tl.constexpr, LOWRANK: tl.constexpr, CK: tl.constexpr,
+    DECAY: tl.constexpr, LOWRANK: tl.constexpr, VALUE_DECAY: tl.constexpr, CK: tl.constexpr,
     ATOMIC: tl.constexpr, VARLEN: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     """Grid ``(N * HV, cdiv(V, BV))``. ``ckpt [E, HV, K, V]`` holds the state before every
     ``CK``-th token of each sequence (sequence ``n`` from entry ``ckpt_offsets[n]``);
-    ``do, dv [B, T, HV, V]``, ``dht, dh0 [N, HV, K, V]``; partial buffers
+    ``do, dv, dgv [B, T, HV, V]``, ``dht, dh0 [N, HV, K, V]``; partial buffers
     ``dq, dk, da, db [R, NT, H, K]``, ``dg [R', NT, HV(, K)]``, ``dbeta [R', NT, HV]``
     (``NT = B·T``; ``R = R' = 1`` when ``ATOMIC``, else ``R = NV·HV/H`` and ``R' = NV``)."""
     i_nh = tl.program_id(0).to(tl.int64)
@@ -98,10 +103,11 @@ def recurrent_bwd_kernel(
         h = tl.load(ckpt + (first + seg) * HV * K * V + p_kv, mask=mask_h, other=0).to(ACC)
         for t in range(t0, t1):
             tl.store(p_scr + (t - t0) * BK * BV, h)
-            _, b_k, b_v, b_e, b_beta, b_a, b_b = load_token(
-                q, k, v, g, beta, a, b, t, i_h, i_hv, o_k, o_v, mask_k, mask_v, H, HV, K, V, DECAY, LOWRANK, ACC
-            )
-            h = step(h, b_k, b_v, b_e, b_beta, b_a, b_b, DECAY, LOWRANK)
+            _, b_k, b_v, b_e, b_beta, b_a, b_b, b_ev = load_token(
+                q, k, v, g, beta, a, b, gv, t, i_h, i_hv, o_k, o_v, mask_k, mask_v,
+                H, HV, K, V, DECAY, LOWRANK, VALUE_DECAY, ACC,
+            )  # fmt: skip
+            h = step(h, b_k, b_v, b_e, b_beta, b_a, b_b, b_ev, DECAY, LOWRANK, VALUE_DECAY)
             b_do = tl.load(do + (t * HV + i_hv) * V + o_v, mask=mask_v, other=0).to(ACC)
             b_dq = tl.sum(h * b_do[None, :], 1) * scale
             accumulate(dq + ((r_key * NT + t) * H + i_h) * K + o_k, b_dq, mask_k, ATOMIC)
@@ -110,23 +116,30 @@ def recurrent_bwd_kernel(
         for j in range(0, t1 - t0):
             t = t1 - 1 - j
             h = tl.load(p_scr + (t - t0) * BK * BV)  # P = S_{t-1}
-            b_q, b_k, b_v, b_e, b_beta, b_a, b_b = load_token(
-                q, k, v, g, beta, a, b, t, i_h, i_hv, o_k, o_v, mask_k, mask_v, H, HV, K, V, DECAY, LOWRANK, ACC
-            )
+            b_q, b_k, b_v, b_e, b_beta, b_a, b_b, b_ev = load_token(
+                q, k, v, g, beta, a, b, gv, t, i_h, i_hv, o_k, o_v, mask_k, mask_v,
+                H, HV, K, V, DECAY, LOWRANK, VALUE_DECAY, ACC,
+            )  # fmt: skip
             b_do = tl.load(do + (t * HV + i_hv) * V + o_v, mask=mask_v, other=0).to(ACC)
             dh += scale * b_q[:, None] * b_do[None, :]
             key_row = ((r_key * NT + t) * H + i_h) * K + o_k
             hd = decay_rows(h, b_e, DECAY)
+            hc = hd  # C, the carried state (the tied read uses it): D P without a value decay
+            if VALUE_DECAY:
+                hc = carry(h, b_e, b_a, b_b, b_ev, DECAY, LOWRANK, VALUE_DECAY)
             if LOWRANK == TIED:
-                b_u = b_v - tl.sum(b_k[:, None] * hd, 0)
+                b_u = b_v - tl.sum(b_k[:, None] * hc, 0)
                 b_dvn = tl.sum(dh * b_k[:, None], 0)
-                b_dk = tl.sum(dh * (b_beta * b_u)[None, :], 1) - b_beta * tl.sum(hd * b_dvn[None, :], 1)
+                b_dk = tl.sum(dh * (b_beta * b_u)[None, :], 1) - b_beta * tl.sum(hc * b_dvn[None, :], 1)
                 b_dv = b_beta * b_dvn
                 accumulate(dbeta + (r_val * NT + t) * HV + i_hv, tl.sum(b_dvn * b_u, 0), None, ATOMIC)
                 dh = dh - b_beta * b_k[:, None] * b_dvn[None, :]
             else:
                 b_dk = tl.sum(dh * b_v[None, :], 1)
                 b_dv = tl.sum(dh * b_k[:, None], 0)
+            if VALUE_DECAY:  # dh is dC here; the key-side rules below take dC Γ
+                tl.store(dgv + (t * HV + i_hv) * V + o_v, tl.sum(dh * hc, 0).to(dgv.dtype.element_ty), mask=mask_v)
+                dh = dh * b_ev[None, :]
             if LOWRANK == GENERAL:
                 b_x = tl.sum(b_a[:, None] * h, 0)
                 b_dx = tl.sum(dh * b_b[:, None], 0)

@@ -34,15 +34,16 @@ CHECKPOINTS, EVERY_TOKEN = tl.constexpr(SAVE_CHECKPOINTS), tl.constexpr(SAVE_EVE
 
 @triton.jit
 def load_token(
-    q, k, v, g, beta, a, b, t, i_h, i_hv,
+    q, k, v, g, beta, a, b, gv, t, i_h, i_hv,
     o_k, o_v, mask_k, mask_v,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    DECAY: tl.constexpr, LOWRANK: tl.constexpr, ACC: tl.constexpr,
+    DECAY: tl.constexpr, LOWRANK: tl.constexpr, VALUE_DECAY: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     """Token ``t``'s inputs for value head ``i_hv`` (key head ``i_h``) in the compute dtype, from
-    contiguous ``[B·T, H, K]`` (q, k, a, b), ``[B·T, HV, V]`` (v), ``[B·T, HV, K]`` or ``[B·T, HV]``
-    (g) and ``[B·T, HV]`` (beta) tensors. Absent inputs come back as 0 (never read by the
-    structure that lacks them); the decay comes back as its factor ``exp(g)``."""
+    contiguous ``[B·T, H, K]`` (q, k, a, b), ``[B·T, HV, V]`` (v, gv), ``[B·T, HV, K]`` or
+    ``[B·T, HV]`` (g) and ``[B·T, HV]`` (beta) tensors. Absent inputs come back as 0 (never read
+    by the structure that lacks them); the decays come back as their factors ``exp(g)`` and
+    ``exp(gv)`` (each in ``[0, 1]``: a step of -60 is ``8.8e-27``, a normal fp32 number)."""
     row_k = (t * H + i_h) * K
     row_s = t * HV + i_hv
     b_q = tl.load(q + row_k + o_k, mask=mask_k, other=0).to(ACC)
@@ -64,7 +65,11 @@ def load_token(
     else:
         b_a = 0.0
         b_b = 0.0
-    return b_q, b_k, b_v, b_e, b_beta, b_a, b_b
+    if VALUE_DECAY:
+        b_ev = tl.exp(tl.load(gv + row_s * V + o_v, mask=mask_v, other=0).to(ACC))
+    else:
+        b_ev = 1.0
+    return b_q, b_k, b_v, b_e, b_beta, b_a, b_b, b_ev
 
 
 @triton.jit
@@ -78,21 +83,35 @@ def decay_rows(h, b_e, DECAY: tl.constexpr):
 
 
 @triton.jit
-def step(h, b_k, b_v, b_e, b_beta, b_a, b_b, DECAY: tl.constexpr, LOWRANK: tl.constexpr):
-    """One token of DESIGN §2 on a ``[BK, BV]`` tile: the state after the token."""
+def carry(h, b_e, b_a, b_b, b_ev, DECAY: tl.constexpr, LOWRANK: tl.constexpr, VALUE_DECAY: tl.constexpr):
+    """What the state carries into a token on a ``[BK, BV]`` tile, before its input term:
+    ``(D + b aᵀ) h Diag(exp(gv))`` (the rank-one part of a tied transition is the delta step,
+    applied by :func:`step` to this)."""
     if LOWRANK == GENERAL:
         b_x = tl.sum(b_a[:, None] * h, 0)  # aᵀ S reads the undecayed state
     h = decay_rows(h, b_e, DECAY)
+    if LOWRANK == GENERAL:
+        h = h + b_b[:, None] * b_x[None, :]
+    if VALUE_DECAY:
+        h = h * b_ev[None, :]  # the columns decay after the key-side transition, rank-one part included
+    return h
+
+
+@triton.jit
+def step(
+    h, b_k, b_v, b_e, b_beta, b_a, b_b, b_ev,
+    DECAY: tl.constexpr, LOWRANK: tl.constexpr, VALUE_DECAY: tl.constexpr,
+):  # fmt: skip
+    """One token of DESIGN §2 (with docs/value-decay.md §1) on a ``[BK, BV]`` tile: the state after the token."""
+    h = carry(h, b_e, b_a, b_b, b_ev, DECAY, LOWRANK, VALUE_DECAY)
     if LOWRANK == TIED:
         b_v = b_beta * (b_v - tl.sum(b_k[:, None] * h, 0))  # the delta rule's corrected value
-    elif LOWRANK == GENERAL:
-        h = h + b_b[:, None] * b_x[None, :]
     return h + b_k[:, None] * b_v[None, :]
 
 
 @triton.jit(do_not_specialize=["T", "num_slots"])
 def recurrent_fwd_kernel(
-    q, k, v, g, beta, a, b,
+    q, k, v, g, beta, a, b, gv,
     o,
     h0, ht, slots, num_slots,
     save, save_offsets,
@@ -102,7 +121,7 @@ def recurrent_fwd_kernel(
     e_n, e_h, e_k, e_v,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr,
-    DECAY: tl.constexpr, LOWRANK: tl.constexpr,
+    DECAY: tl.constexpr, LOWRANK: tl.constexpr, VALUE_DECAY: tl.constexpr,
     SAVE: tl.constexpr, CK: tl.constexpr,
     HAS_H0: tl.constexpr, HAS_HT: tl.constexpr, STORE_O: tl.constexpr,
     POOL: tl.constexpr, VARLEN: tl.constexpr,
@@ -151,10 +170,11 @@ def recurrent_fwd_kernel(
         if SAVE == CHECKPOINTS:  # noqa: SIM102 (a compile-time branch around a run-time one)
             if (t - bos) % CK == 0:
                 tl.store(save + (first + (t - bos) // CK) * e_n + p_save, h.to(save.dtype.element_ty), mask=mask_h)
-        b_q, b_k, b_v, b_e, b_beta, b_a, b_b = load_token(
-            q, k, v, g, beta, a, b, t, i_h, i_hv, o_k, o_v, mask_k, mask_v, H, HV, K, V, DECAY, LOWRANK, ACC
-        )
-        h = step(h, b_k, b_v, b_e, b_beta, b_a, b_b, DECAY, LOWRANK)
+        b_q, b_k, b_v, b_e, b_beta, b_a, b_b, b_ev = load_token(
+            q, k, v, g, beta, a, b, gv, t, i_h, i_hv, o_k, o_v, mask_k, mask_v,
+            H, HV, K, V, DECAY, LOWRANK, VALUE_DECAY, ACC,
+        )  # fmt: skip
+        h = step(h, b_k, b_v, b_e, b_beta, b_a, b_b, b_ev, DECAY, LOWRANK, VALUE_DECAY)
         if STORE_O:
             b_o = tl.sum(h * b_q[:, None], 0) * scale
             if POOL:

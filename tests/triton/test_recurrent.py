@@ -120,15 +120,20 @@ def test_decode_out_of_range_slot_is_not_written():
 
 # The interpreter accepts code that the GPU compiler rejects (plain-int globals, for one), so
 # the kernels are also compiled, without a GPU, for sm_90 in a process without the interpreter.
-_FLOATS = {"q": "*bf16", "k": "*bf16", "v": "*bf16", "a": "*bf16", "b": "*bf16", "scale": "fp32"}
+_FLOATS = {"q": "*bf16", "k": "*bf16", "v": "*bf16", "a": "*bf16", "b": "*bf16", "gv": "*bf16", "scale": "fp32"}
 _INTS = {"num_slots", "T", "NT", "s_n", "s_h", "s_k", "s_v", "e_n", "e_h", "e_k", "e_v"}
-_VARIANTS = [  # (kernel, constexprs): every DECAY and LOWRANK branch, and each mode
-    ("fwd", dict(DECAY=0, LOWRANK=1, SAVE=2, CK=1, POOL=True, VARLEN=False, s_v=1, e_v=1)),
-    ("fwd", dict(DECAY=1, LOWRANK=0, SAVE=1, CK=64, POOL=False, VARLEN=True, s_v=1, e_v=1)),
-    ("fwd", dict(DECAY=2, LOWRANK=2, SAVE=0, CK=1, POOL=False, VARLEN=False, s_k=1, e_k=1)),
-    ("bwd", dict(DECAY=0, LOWRANK=1, ATOMIC=True, VARLEN=False)),
-    ("bwd", dict(DECAY=1, LOWRANK=0, ATOMIC=False, VARLEN=True)),
-    ("bwd", dict(DECAY=2, LOWRANK=2, ATOMIC=True, VARLEN=False)),
+_VARIANTS = [  # (kernel, constexprs): every DECAY, LOWRANK and VALUE_DECAY branch, and each mode
+    ("fwd", dict(DECAY=0, LOWRANK=1, VALUE_DECAY=False, SAVE=2, CK=1, POOL=True, VARLEN=False, s_v=1, e_v=1)),
+    ("fwd", dict(DECAY=1, LOWRANK=0, VALUE_DECAY=False, SAVE=1, CK=64, POOL=False, VARLEN=True, s_v=1, e_v=1)),
+    ("fwd", dict(DECAY=2, LOWRANK=2, VALUE_DECAY=False, SAVE=0, CK=1, POOL=False, VARLEN=False, s_k=1, e_k=1)),
+    ("fwd", dict(DECAY=2, LOWRANK=1, VALUE_DECAY=True, SAVE=2, CK=1, POOL=True, VARLEN=False, s_k=1, e_k=1)),
+    ("fwd", dict(DECAY=2, LOWRANK=2, VALUE_DECAY=True, SAVE=1, CK=64, POOL=False, VARLEN=True, s_v=1, e_v=1)),
+    ("bwd", dict(DECAY=0, LOWRANK=1, VALUE_DECAY=False, ATOMIC=True, VARLEN=False)),
+    ("bwd", dict(DECAY=1, LOWRANK=0, VALUE_DECAY=False, ATOMIC=False, VARLEN=True)),
+    ("bwd", dict(DECAY=2, LOWRANK=2, VALUE_DECAY=False, ATOMIC=True, VARLEN=False)),
+    ("bwd", dict(DECAY=2, LOWRANK=1, VALUE_DECAY=True, ATOMIC=True, VARLEN=True)),
+    ("bwd", dict(DECAY=2, LOWRANK=2, VALUE_DECAY=True, ATOMIC=False, VARLEN=False)),
+    ("bwd", dict(DECAY=2, LOWRANK=0, VALUE_DECAY=True, ATOMIC=True, VARLEN=False)),
 ]
 
 
