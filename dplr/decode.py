@@ -12,6 +12,8 @@ back into the same slot, in place; nothing else in the pool is touched.
   out-of-range slot is treated as padding).
 * ``q, k [N, T, H, K]``, ``v [N, T, HV, V]`` and the family's gates as in the ``fused_recurrent_*``
   op: ``T`` new tokens per sequence (1 for plain decoding, more to verify draft tokens).
+  ``decode_gla``, ``decode_kda`` and ``decode_dplr_delta_rule`` take the value-side decay
+  ``gv [N, T, HV, V]`` as their ops do (docs/value-decay.md).
 * ``return_intermediate_states=True`` also returns the state after each new token,
   ``[N, T, HV, K, V]``, so an engine can roll a sequence back to its last accepted draft token
   (see :func:`accept_tokens`).
@@ -65,7 +67,7 @@ def _run(name: str, args: dict) -> DecodeOutput:
     p = problem
     with torch.no_grad():
         o, states = decode_op(
-            p.q, p.k, p.v, p.g, p.beta, p.a, p.b, pool, indices, p.scale,
+            p.q, p.k, p.v, p.g, p.beta, p.a, p.b, p.gv, pool, indices, p.scale,
             p.transition.decay.value, p.transition.lowrank.value, state_v_first, intermediate, _backend(p.q),
         )  # fmt: skip
     return DecodeOutput(o, states if intermediate else None)
@@ -124,6 +126,7 @@ def decode_op(
     beta: torch.Tensor | None,
     a: torch.Tensor | None,
     b: torch.Tensor | None,
+    gv: torch.Tensor | None,
     state_pool: torch.Tensor,
     state_indices: torch.Tensor,
     scale: float,
@@ -135,8 +138,8 @@ def decode_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The decode step on canonical tensors; returns ``(o, intermediate states or an empty tensor)``."""
     problem = Problem(
-        transition=Transition(Decay(decay), LowRank(lowrank)), q=q, k=k, v=v, g=g, beta=beta, a=a, b=b,
-        scale=scale, initial_state=None, cu_seqlens=None,
+        transition=Transition(Decay(decay), LowRank(lowrank), value_decay=gv is not None), q=q, k=k, v=v, g=g,
+        beta=beta, a=a, b=b, scale=scale, initial_state=None, cu_seqlens=None, gv=gv,
     )  # fmt: skip
     if backend == "triton":
         from .triton import recurrent
@@ -152,7 +155,8 @@ def decode_op(
 
 
 @decode_op.register_fake
-def _(q, k, v, g, beta, a, b, state_pool, state_indices, scale, decay, lowrank, state_v_first, intermediate, backend):
+def _(q, k, v, g, beta, a, b, gv, state_pool, state_indices, scale, decay, lowrank, state_v_first, intermediate,
+      backend):  # fmt: skip
     N, T = q.shape[:2]
     o = v.new_empty(v.shape)
     states = state_pool.new_empty(N, T, *state_pool.shape[1:]) if intermediate else state_pool.new_empty(0)
@@ -174,7 +178,7 @@ def _torch_decode(
     def pick(x: torch.Tensor | None) -> torch.Tensor | None:
         return None if x is None else expand_heads(x[rows].to(dtype), HV)
 
-    q, k, v, g, beta, a, b = (pick(x) for x in (p.q, p.k, p.v, p.g, p.beta, p.a, p.b))
+    q, k, v, g, beta, a, b, gv = (pick(x) for x in (p.q, p.k, p.v, p.g, p.beta, p.a, p.b, p.gv))
     state = pool[slots].to(dtype)
     if state_v_first:
         state = state.transpose(-1, -2)
@@ -192,6 +196,7 @@ def _torch_decode(
             a=None if a is None else a[:, t],
             b=None if b is None else b[:, t],
             scale=p.scale,
+            gv=None if gv is None else gv[:, t],
         )
         o[rows, t] = o_t.to(o.dtype)
         if states is not None:
@@ -253,11 +258,13 @@ def decode_gla(
     state_pool,
     state_indices,
     *,
+    gv=None,
     scale=None,
     state_v_first=False,
     return_intermediate_states=False,
 ) -> DecodeOutput:
-    """:func:`dplr.fused_recurrent_gla` from pool states: ``g [N, T, HV, K]``."""
+    """:func:`dplr.fused_recurrent_gla` from pool states: ``g [N, T, HV, K]``, optional
+    ``gv [N, T, HV, V]``."""
     return _run("gla", locals())
 
 
@@ -312,6 +319,7 @@ def decode_kda(
     state_pool,
     state_indices,
     *,
+    gv=None,
     scale=None,
     use_qk_l2norm_in_kernel=False,
     use_beta_sigmoid_in_kernel=False,
@@ -324,7 +332,8 @@ def decode_kda(
     state_v_first=False,
     return_intermediate_states=False,
 ) -> DecodeOutput:
-    """:func:`dplr.fused_recurrent_kda` from pool states: ``g [N, T, HV, K]``, ``beta [N, T, HV]``."""
+    """:func:`dplr.fused_recurrent_kda` from pool states: ``g [N, T, HV, K]``, ``beta [N, T, HV]``,
+    optional ``gv [N, T, HV, V]``."""
     return _run("kda", locals())
 
 
@@ -338,6 +347,7 @@ def decode_dplr_delta_rule(
     state_pool,
     state_indices,
     *,
+    gv=None,
     scale=None,
     lower_bound=None,
     safe_gate=False,
@@ -345,7 +355,7 @@ def decode_dplr_delta_rule(
     return_intermediate_states=False,
 ) -> DecodeOutput:
     """:func:`dplr.fused_recurrent_dplr_delta_rule` from pool states: ``a, b [N, T, H, K]``,
-    ``gk [N, T, HV, K]``."""
+    ``gk [N, T, HV, K]``, optional ``gv [N, T, HV, V]``."""
     return _run("dplr_delta_rule", locals())
 
 

@@ -84,6 +84,18 @@ def test_decode_single_token_fp32(name):
     check_decode(name, slots=[5, 1, -1], T=1, H=2, HV=4, K=16, V=8, dtype=torch.float32, tol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["gla", "kda", "dplr_delta_rule"])
+def test_decode_value_decay(name):
+    """gv (the value-side decay) as in the fused recurrent op: a verify step, grouped value heads,
+    a padding row; kda in the transposed layout."""
+    check_decode(name, slots=[4, -1, 0, 2], T=3, H=1, HV=2, state_v_first=name == "kda", value_decay=True)
+
+
+def test_decode_value_decay_strong_fp32():
+    """gv and g of -30..-60 per step: finite and exact in fp32."""
+    check_decode("kda", slots=[1, 3], T=2, K=16, V=8, dtype=torch.float32, tol=1e-5, gate="strong", value_decay=True)
+
+
 @pytest.mark.parametrize(
     "name,options",
     [
@@ -98,11 +110,11 @@ def test_decode_in_kernel_options(name, options):
     check_decode(name, slots=[2, 0], T=2, **options)
 
 
-@pytest.mark.parametrize("name", ["kda", "rwkv7"])
-def test_decode_equals_fused_recurrent(name):
+@pytest.mark.parametrize("name,value_decay", [("kda", False), ("rwkv7", False), ("dplr_delta_rule", True)])
+def test_decode_equals_fused_recurrent(name, value_decay):
     """Decoding T tokens one step at a time equals the fused recurrent op over the T tokens."""
     T, N = 4, 3
-    args = make_inputs(name, B=N, T=T, H=2, HV=2, K=8, V=8, dtype=torch.float64)
+    args = make_inputs(name, B=N, T=T, H=2, HV=2, K=8, V=8, dtype=torch.float64, value_decay=value_decay)
     h0 = args.pop("initial_state")
     o_ref, final_ref = op(name, "recurrent")(**dict(args, initial_state=h0, output_final_state=True))
     pool = torch.zeros(N + 2, 2, 8, 8, dtype=torch.float64)

@@ -1,5 +1,5 @@
 """The value-side decay ``gv`` in the Triton recurrent kernels (``VALUE_DECAY``): forward, every
-gradient (dgv included) against the fp64 reference, under
+gradient (dgv included) and the decode step against the fp64 reference, under
 ``TRITON_INTERPRET=1`` without a GPU (fp32 and fp64, tiny shapes)."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ pytest.importorskip("triton")
 from dplr.testing import make_inputs
 from dplr.triton import recurrent
 from tests.helpers import TOL, run_and_compare
+from tests.test_decode import check_decode
 from tests.triton import INTERPRET
 
 NAMES = ["gla", "kda", "dplr_delta_rule"]
@@ -57,3 +58,9 @@ def test_strong_gates(name, gates):
     if gates == "value":
         args[GATE[name]] = make_inputs(name, B=1, T=6, H=1, K=16, V=8)[GATE[name]]
     _run(name, args, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_decode_matches_reference(name):
+    """The pool decode kernel with gv: two tokens, a padding row, intermediate states."""
+    check_decode(name, slots=[4, -1, 0], T=2, state_v_first=name == "kda", value_decay=True)
