@@ -281,10 +281,17 @@ class Split:
         return per_rank
 
 
-def balanced_lengths(T: int, local: list[dict]) -> list[int]:
-    """Slices in proportion to each rank's speed (tokens per millisecond of the work it runs:
-    plain on the first rank, widened on the others), in whole chunks; the last takes the rest."""
-    speed = [r["tokens"] / (r["widened"] if "widened" in r else r["plain"]) for r in local]
+def balanced_lengths(T: int, local: list[dict], even_ms: float) -> list[int]:
+    """Slices in proportion to each rank's speed, in whole chunks; the last takes the rest.
+
+    A rank's time per token is its local work (plain on the first rank, widened on the others)
+    plus, on the ranks after the first, their share of what the even split spent beyond its
+    slowest rank's local work: the exchange's per-token arithmetic (the ``cᵀ y`` corrections and
+    their gradients), which only the ranks with a head run."""
+    work = [r["widened"] if "widened" in r else r["plain"] for r in local]
+    extra = max(0.0, even_ms - max(work))
+    cost = [(w + (extra if "widened" in r else 0.0)) / r["tokens"] for w, r in zip(work, local)]
+    speed = [1.0 / c for c in cost]
     lengths = [CHUNK * round(T * s / sum(speed) / CHUNK) for s in speed[:-1]]
     return [*lengths, T - sum(lengths)]
 
@@ -372,8 +379,9 @@ def main() -> int:
         times["even"] = even.time(device, iters)
         times["comm_ms"] = timed(comm_step(device, H=H, K=K, V=V), device, iters=iters)
         times["local_ms_per_rank"] = even.local_work(device)
-        # The first rank runs no widened columns: a longer slice for it evens out the ranks' work.
-        balanced = Split(inputs, do, balanced_lengths(T, times["local_ms_per_rank"]))
+        # The first rank runs no widened columns and no corrections: a longer slice for it evens
+        # out the ranks' work.
+        balanced = Split(inputs, do, balanced_lengths(T, times["local_ms_per_rank"], times["even"]["ms"]))
         del even
         checks.append(balanced.check(single, f"kda at T={T}: {world} ranks (balanced slices) vs one device"))
         if checks[-1]["ok"]:
