@@ -290,7 +290,7 @@ def balanced_lengths(T: int, local: list[dict], even_ms: float) -> list[int]:
     their gradients), which only the ranks with a head run."""
     work = [r["widened"] if "widened" in r else r["plain"] for r in local]
     extra = max(0.0, even_ms - max(work))
-    cost = [(w + (extra if "widened" in r else 0.0)) / r["tokens"] for w, r in zip(work, local)]
+    cost = [(w + (extra if "widened" in r else 0.0)) / r["tokens"] for w, r in zip(work, local, strict=True)]
     speed = [1.0 / c for c in cost]
     lengths = [CHUNK * round(T * s / sum(speed) / CHUNK) for s in speed[:-1]]
     return [*lengths, T - sum(lengths)]
