@@ -29,8 +29,19 @@ Only the piece that continues from the previous rank runs with the widened value
 rank, and every other sequence, run the op as usual. So the first rank has less to do: without
 ``cu_seqlens`` a longer slice there evens out the ranks (``benchmarks/gpu_cp.py`` measures one).
 
+With a value-side decay ``gv`` (``chunk_gla``, ``chunk_kda``, ``chunk_dplr_delta_rule``;
+docs/value-decay.md) each column of the state evolves as the key-side transition times a scalar,
+so a slice maps ``S_end = S⁰ + P S₀ Diag(q)`` and ``o_t = o⁰_t + (S₀ᵀ y_t) ⊙ Q_t``, with ``Q_t``
+the product of ``exp(gv)`` from the slice's start to token ``t`` and ``q`` its value at the
+end. The widened columns get ``gv = 0``, so ``P`` and ``y`` stay the key side's; ``Q`` is a prefix
+sum of ``gv`` (fp64: it runs over a whole slice) and its exponential, never above 1. The summary
+carries ``q`` as one more row (``[rows, HV, K + 1, V + K]``), so the exchange stays one
+all-gather each way, and the folds become ``c_{r+1} = S⁰_r + P_r c_r Diag(q_r)`` and
+``G_r = ∂L/∂c_r + P_rᵀ G_{r+1} Diag(q_r)``.
+
 Contract:
 
+* ``gv`` is given on every rank or on none (the summaries' layout must agree).
 * Without ``cu_seqlens``: ``B`` sequences span all ranks; slices may differ in length, ``B``
   and the head sizes must agree. ``initial_state [B, HV, K, V]`` is read on the first rank only.
 * With ``cu_seqlens``: ``B == 1``, every rank holds ``T`` tokens and passes the *same* global
@@ -145,73 +156,112 @@ def _apply_transposed(P: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bhij,bhiv->bhjv", P, G)
 
 
+# A summary ``[rows, HV, K, V + K] = [S⁰ | P]`` says how a slice maps the carry into it to the carry
+# out of it; with a value decay it has one more row ``[q | 0]`` (``[rows, HV, K + 1, V + K]``).
+
+
+def _advance(summary: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """The carry out of a slice, ``S⁰ + P c Diag(q)``, from the carry ``c [rows, HV, K, V]`` into it."""
+    K, V = c.shape[-2:]
+    moved = _apply(summary[..., :K, V:], c)
+    if summary.shape[-2] > K:
+        moved = moved * summary[..., K:, :V]
+    return summary[..., :K, :V] + moved
+
+
+def _retreat(summary: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """The mirror of :func:`_advance` for the carry: ``Pᵀ (G Diag(q))`` from ``G``, the gradient of the carry out."""
+    K, V = G.shape[-2:]
+    if summary.shape[-2] > K:
+        G = G * summary[..., K:, :V]
+    return _apply_transposed(summary[..., :K, V:], G)
+
+
+def _summary_grad(summary: torch.Tensor, c: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """The gradient of :func:`_advance` for the summary, laid out like it: ``[G | (G Diag(q)) cᵀ]``
+    and, with a value decay, the row ``[Σ_k G ⊙ (P c) | 0]``."""
+    K, V = c.shape[-2:]
+    decayed = summary.shape[-2] > K
+    Gq = G * summary[..., K:, :V] if decayed else G
+    grad = torch.cat([G, torch.einsum("bhiv,bhjv->bhij", Gq, c)], -1)
+    if decayed:
+        d_q = (G * _apply(summary[..., :K, V:], c)).sum(-2, keepdim=True)
+        grad = torch.cat([grad, torch.cat([d_q, d_q.new_zeros(*d_q.shape[:-1], K)], -1)], -2)
+    return grad
+
+
 class _Exchange(torch.autograd.Function):
     """Everything that crosses ranks, with its explicit mirror as the backward.
 
-    Inputs: ``o_local [B,T,HV,V]`` (the head computed from a zero start), ``head_y [rows,L,HV,K]``
-    and ``head_final [rows,HV,K,V+K] = [S⁰ | P]`` of the head, ``summary [rows,HV,K,V+K]`` (how the
-    carry out of this rank depends on the carry in), ``rest_finals`` (final states of the rest
-    pieces that end here). Outputs ``o`` and the final states (last rank; empty elsewhere).
+    Inputs: ``o_local [B,T,HV,V]`` (the head computed from a zero start), ``head_y [rows,L,HV,K]``,
+    ``head_decay [rows,L,HV,V]`` (``Q``, with a value decay; else None) and ``head_final``, the
+    head's summary, ``summary`` (how the carry out of this rank depends on the carry in; both laid
+    out as :func:`_advance` reads them), ``rest_finals`` (final states of the rest pieces that end
+    here). Outputs ``o`` and the final states (last rank; empty elsewhere).
     Being one Function whose output ``o`` every rank uses, its backward, and so its collectives,
     run on every rank.
     """
 
     @staticmethod
-    def forward(ctx, plan, group, o_local, head_y, head_final, summary, rest_finals):
+    def forward(ctx, plan, group, o_local, head_y, head_decay, head_final, summary, rest_finals):
         V = o_local.shape[-1]
+        K = summary.shape[-1] - V
         parts = _gather(summary, group)
-        carry = torch.zeros_like(summary[..., :V])  # c_0: the first rank starts from its own initial state
+        carry = torch.zeros_like(summary[..., :K, :V])  # c_0: the first rank starts from its own initial state
         for j in range(plan.rank):
-            carry = parts[j][..., :V] + _apply(parts[j][..., V:], carry)
+            carry = _advance(parts[j], carry)
 
         o = o_local.clone()
         if plan.head:
             L = plan.head_len
             correction = torch.einsum("bthk,bhkv->bthv", head_y.to(carry.dtype), carry)
+            if head_decay is not None:
+                correction = correction * head_decay
             o[:, :L] = (o_local[:, :L].to(carry.dtype) + correction).to(o.dtype)
 
         final = o_local.new_empty(0)
         if plan.output_final_state:
             here = [rest_finals] if rest_finals is not None else []
             if plan.head_ends:
-                here.insert(0, head_final[..., :V] + _apply(head_final[..., V:], carry))
-            here = torch.cat(here) if here else summary.new_empty(0, *summary.shape[1:-1], V)
+                here.insert(0, _advance(head_final, carry))
+            here = torch.cat(here) if here else summary.new_empty(0, *carry.shape[1:])
             final = _collect_finals(plan, group, here)
 
         ctx.plan, ctx.group = plan, group
-        later = [p[..., V:] for p in parts[plan.rank + 1 :]]
-        ctx.save_for_backward(carry, head_y, head_final, *later)
+        ctx.save_for_backward(carry, head_y, head_decay, head_final, *parts[plan.rank :])
         return o, final
 
     @staticmethod
     def backward(ctx, d_o, d_final):
         plan, group = ctx.plan, ctx.group
-        carry, head_y, head_final, *later = ctx.saved_tensors
-        V = d_o.shape[-1]
+        carry, head_y, head_decay, head_final, own, *later = ctx.saved_tensors
         d_here = _spread_final_grads(plan, group, d_final, carry) if plan.output_final_state else None
 
         d_carry = torch.zeros_like(carry)  # ∂L/∂c_r through this rank's own results
-        d_head_y = d_head_final = d_rest_finals = None
+        d_head_y = d_head_decay = d_head_final = d_rest_finals = None
         if plan.head:
             d_head = d_o[:, : plan.head_len].to(carry.dtype)
+            if head_decay is not None:
+                d_head_decay = d_head * torch.einsum("bthk,bhkv->bthv", head_y.to(carry.dtype), carry)
+                d_head = d_head * head_decay
             d_head_y = torch.einsum("bthv,bhkv->bthk", d_head, carry).to(head_y.dtype)
             d_carry = d_carry + torch.einsum("bthk,bthv->bhkv", head_y.to(carry.dtype), d_head)
         if d_here is not None:
             if plan.head_ends:
                 d_head_end, d_here = d_here[: plan.rows], d_here[plan.rows :]
-                d_carry = d_carry + _apply_transposed(head_final[..., V:], d_head_end)
-                d_head_final = torch.cat([d_head_end, torch.einsum("bhiv,bhjv->bhij", d_head_end, carry)], -1)
+                d_carry = d_carry + _retreat(head_final, d_head_end)
+                d_head_final = _summary_grad(head_final, carry, d_head_end)
             d_rest_finals = d_here if d_here.shape[0] else None
 
-        # Carry gradients flow from later ranks to earlier ones: G_j = ∂L/∂c_j + P_jᵀ G_{j+1}.
+        # Carry gradients flow from later ranks to earlier ones: G_j = ∂L/∂c_j + P_jᵀ G_{j+1} Diag(q_j).
         direct = _gather(d_carry, group)
         G = torch.zeros_like(d_carry)
         for j in range(plan.world - 1, plan.rank, -1):
-            G = direct[j] + _apply_transposed(later[j - plan.rank - 1], G)
+            G = direct[j] + _retreat(later[j - plan.rank - 1], G)
         d_summary = None
         if plan.rank < plan.world - 1:
-            d_summary = torch.cat([G, torch.einsum("bhiv,bhjv->bhij", G, carry)], -1)  # c_{r+1} = S⁰ + P c_r
-        return None, None, d_o, d_head_y, d_head_final, d_summary, d_rest_finals
+            d_summary = _summary_grad(own, carry, G)  # c_{r+1} = _advance(summary, c_r)
+        return None, None, d_o, d_head_y, d_head_decay, d_head_final, d_summary, d_rest_finals
 
 
 def _collect_finals(plan: _Plan, group, here: torch.Tensor) -> torch.Tensor:
@@ -260,6 +310,8 @@ def _context_parallel(name: str, args: dict) -> Output:
     initial_state, output_final_state = args.pop("initial_state"), args.pop("output_final_state")
     cu_seqlens, cu_seqlens_cpu = args.pop("cu_seqlens"), args.pop("cu_seqlens_cpu")
     tensors = {n: args.pop(n) for n in names}
+    if "gv" in args:  # the families with a value decay: a per-token tensor, sliced like the others
+        tensors["gv"] = args.pop("gv")
     options = args
     checks.check_flag("output_final_state", output_final_state)
 
@@ -275,10 +327,13 @@ def _context_parallel(name: str, args: dict) -> Output:
         plan = _varlen_plan(world, rank, bounds, T, output_final_state)
     dims = checks.Dims(B=B, T=T, H=H, HV=HV, K=K, V=V, N=plan.num_seqs)
     checks.check_initial_state(initial_state, dims, tensors[qname])
+    decayed = tensors.get("gv") is not None
+    if decayed:  # checked whole here: the pieces' checks would name the widened or sliced shapes
+        checks.check_shaped("gv", tensors["gv"], "B T HV V", dims, tensors[qname])
 
     v = tensors["v"]
     state_dtype = torch.float64 if v.dtype == torch.float64 else torch.float32  # states are fp32 (fp64)
-    head_y = head_final = rest_finals = None
+    head_y = head_decay = head_final = rest_finals = None
     pieces, summary = [], None
     if plan.head:
         piece = _slice(tensors, 0, plan.head_len)
@@ -286,9 +341,15 @@ def _context_parallel(name: str, args: dict) -> Output:
         identity = torch.eye(K, dtype=state_dtype, device=v.device).expand(plan.rows, HV, K, K)
         start = torch.cat([identity.new_zeros(plan.rows, HV, K, V), identity], -1)  # [0 | I]: S⁰ and P at once
         piece["v"] = widened
+        if decayed:
+            gv = piece["gv"]
+            piece["gv"] = torch.cat([gv, gv.new_zeros(*gv.shape[:3], K)], -1)  # P's columns: the key side only
         o_wide, head_final = op(**piece, initial_state=start, output_final_state=True, **options)
         pieces.append(o_wide[..., :V])
         head_y = o_wide[..., V:]
+        if decayed:
+            head_decay, total = _value_decays(gv, state_dtype)
+            head_final = torch.cat([head_final, _decay_row(total, K)], -2)
         if plan.head_out:
             summary = head_final
     if plan.rest:
@@ -302,18 +363,34 @@ def _context_parallel(name: str, args: dict) -> Output:
         if plan.rest_out:
             carried = finals[-plan.rows :]
             summary = torch.cat([carried, carried.new_zeros(plan.rows, HV, K, K)], -1)  # P = 0: starts here
+            if decayed:  # q multiplies P c = 0: any value serves
+                summary = torch.cat([summary, summary.new_zeros(plan.rows, HV, 1, V + K)], -2)
             finals = finals[: -plan.rows]
         rest_finals = finals if finals.shape[0] else None
-    if summary is None:
-        summary = v.new_zeros(plan.rows, HV, K, V + K, dtype=state_dtype)  # nothing continues out of this slice
+    if summary is None:  # nothing continues out of this slice
+        summary = v.new_zeros(plan.rows, HV, K + decayed, V + K, dtype=state_dtype)
     o_local = torch.cat(pieces, 1) if len(pieces) > 1 else pieces[0] if pieces else v.new_empty(B, T, HV, V)
 
-    o, final = _Exchange.apply(plan, group, o_local, head_y, head_final, summary, rest_finals)
+    o, final = _Exchange.apply(plan, group, o_local, head_y, head_decay, head_final, summary, rest_finals)
     return Output(o, final if output_final_state and plan.rank == world - 1 else None)
 
 
 def _slice(tensors: dict, start: int, stop: int) -> dict:
     return {n: None if x is None else x[:, start:stop] for n, x in tensors.items()}
+
+
+def _value_decays(gv: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``Q [rows, L, HV, V]``, the product of ``exp(gv)`` from a piece's start to each token, and
+    ``q [rows, HV, V]``, over the whole piece (1 for an empty one), in the state ``dtype``. The
+    sums run in fp64: a prefix over a slice of thousands of tokens would lose ``~sqrt(L)·eps·|sum|``
+    in fp32; each sum is ``<= 0``, so its exponential is in ``[0, 1]``."""
+    wide = gv.to(torch.float64)
+    return torch.exp(wide.cumsum(1)).to(dtype), torch.exp(wide.sum(1)).to(dtype)
+
+
+def _decay_row(q: torch.Tensor, K: int) -> torch.Tensor:
+    """A summary's value-decay row ``[q | 0]``: ``[rows, HV, 1, V + K]`` from ``q [rows, HV, V]``."""
+    return torch.cat([q, q.new_zeros(*q.shape[:-1], K)], -1)[..., None, :]
 
 
 def _group_position(group) -> tuple[dist.ProcessGroup, int, int]:
@@ -385,6 +462,7 @@ def chunk_gla(
     g: torch.Tensor,
     *,
     group: dist.ProcessGroup | None = None,
+    gv: torch.Tensor | None = None,
     scale: float | None = None,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
@@ -393,7 +471,8 @@ def chunk_gla(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> Output:
     """:func:`dplr.chunk_gla` on this rank's slice ``[B, T, ...]`` of a sequence split over ``group``:
-    returns ``o [B, T, HV, V]`` and, on the last rank, the final state ``[N, HV, K, V]``."""
+    returns ``o [B, T, HV, V]`` and, on the last rank, the final state ``[N, HV, K, V]``.
+    ``gv [B, T, HV, V]`` (this rank's slice) as there, given on every rank or on none."""
     return _context_parallel("gla", locals())
 
 
@@ -453,6 +532,7 @@ def chunk_kda(
     beta: torch.Tensor,
     *,
     group: dist.ProcessGroup | None = None,
+    gv: torch.Tensor | None = None,
     scale: float | None = None,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
@@ -469,7 +549,8 @@ def chunk_kda(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> Output:
     """:func:`dplr.chunk_kda` on this rank's slice ``[B, T, ...]`` of a sequence split over ``group``:
-    returns ``o [B, T, HV, V]`` and, on the last rank, the final state ``[N, HV, K, V]``."""
+    returns ``o [B, T, HV, V]`` and, on the last rank, the final state ``[N, HV, K, V]``.
+    ``gv [B, T, HV, V]`` (this rank's slice) as there, given on every rank or on none."""
     return _context_parallel("kda", locals())
 
 
@@ -482,6 +563,7 @@ def chunk_dplr_delta_rule(
     gk: torch.Tensor,
     *,
     group: dist.ProcessGroup | None = None,
+    gv: torch.Tensor | None = None,
     scale: float | None = None,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
@@ -492,7 +574,8 @@ def chunk_dplr_delta_rule(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> Output:
     """:func:`dplr.chunk_dplr_delta_rule` on this rank's slice ``[B, T, ...]`` of a sequence split over
-    ``group``: returns ``o [B, T, HV, V]`` and, on the last rank, the final state ``[N, HV, K, V]``."""
+    ``group``: returns ``o [B, T, HV, V]`` and, on the last rank, the final state ``[N, HV, K, V]``.
+    ``gv [B, T, HV, V]`` (this rank's slice) as there, given on every rank or on none."""
     return _context_parallel("dplr_delta_rule", locals())
 
 

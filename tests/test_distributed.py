@@ -24,6 +24,7 @@ from tests.helpers import TOL
 
 SHAPE = dict(H=2, HV=4, K=16, V=8, chunk_size=16)  # grouped value heads, K != V, chunks cross ranks
 KDA_OPTIONS = dict(use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True)
+GV = dict(value_decay=True)  # make_inputs draws gv [B, T, HV, V]
 
 # Per world size: slice lengths without cu_seqlens (uneven, one rank empty for W=4) and the global
 # cu_seqlens over slices of SLICE tokens: sequences inside one rank, ending or starting exactly at a
@@ -34,14 +35,26 @@ LAYOUTS = {
     4: dict(lengths=[30, 0, 41, 20], cu_seqlens=[0, 10, 10, 37, 37, 50, 120, 125, 148, 148]),
 }
 # (id, family, dtype, varlen, options, initial_state)
-CASES = [
-    (f"{name}-{str(dtype)[6:]}-{'varlen' if varlen else 'batch'}", name, dtype, varlen, {}, True)
-    for name, dtype, varlen in itertools.product(FAMILIES, (torch.float64, torch.float32), (False, True))
-] + [
-    ("kda-options-float64-batch", "kda", torch.float64, False, KDA_OPTIONS, True),
-    ("kda-options-float64-varlen", "kda", torch.float64, True, KDA_OPTIONS, True),
-    ("kda-no-state-float64-varlen", "kda", torch.float64, True, {}, False),
-]
+CASES = (
+    [
+        (f"{name}-{str(dtype)[6:]}-{'varlen' if varlen else 'batch'}", name, dtype, varlen, {}, True)
+        for name, dtype, varlen in itertools.product(FAMILIES, (torch.float64, torch.float32), (False, True))
+    ]
+    + [
+        ("kda-options-float64-batch", "kda", torch.float64, False, KDA_OPTIONS, True),
+        ("kda-options-float64-varlen", "kda", torch.float64, True, KDA_OPTIONS, True),
+        ("kda-no-state-float64-varlen", "kda", torch.float64, True, {}, False),
+    ]
+    + [  # the value-side decay gv: q travels in the summaries, Q corrects the head's outputs
+        (f"{name}-gv-float64-{'varlen' if varlen else 'batch'}", name, torch.float64, varlen, GV, True)
+        for name, varlen in itertools.product(("gla", "kda", "dplr_delta_rule"), (False, True))
+    ]
+    + [
+        ("kda-gv-strong-float32-varlen", "kda", torch.float32, True, dict(GV, gate="strong"), True),
+        ("dplr_delta_rule-gv-float32-batch", "dplr_delta_rule", torch.float32, False, GV, True),
+        ("gla-gv-no-state-float64-varlen", "gla", torch.float64, True, GV, False),
+    ]
+)
 
 
 def _check(world: int, rank: int, case: tuple) -> dict:
@@ -236,6 +249,7 @@ def test_needs_process_group():
         (dict(initial_state=torch.zeros(3, 4, 16, 8)), ValueError, "initial_state must have shape"),
         (dict(output_final_state=1), TypeError, "output_final_state must be a bool"),
         (dict(chunk_size=48), ValueError, "chunk_size must be one of"),
+        (dict(gv=torch.zeros(1, 30, 4, 16)), ValueError, r"gv must have shape \[B, T, HV, V\] = \(1, 30, 4, 8\)"),
     ],
 )
 def test_argument_errors(one_rank, change, error, match):
