@@ -7,7 +7,9 @@
    the Triton kernels against the fp64 reference (tolerance: at most 2x the PyTorch path's
    error in the same precision, plus a rounding band), the chunk ops of KDA and GDN, and the
    decode step of every family in both state layouts (outputs, intermediate and written
-   states; padding and untouched slots bit-identical). A family that fails is not timed.
+   states; padding and untouched slots bit-identical); the same for the families that take the
+   value-side decay ``gv`` with it (``fused_recurrent`` also with gates of -30..-60 per step).
+   A family that fails is not timed.
 2. (a) Chunk vs recurrent, forward + backward, T in {512, 2048, 8192, 32768}, B=4, H=16,
    K=V=128, bf16 inputs, for KDA and GDN: the chunk algorithm's speed-up over the recurrence.
 3. (b) The decode step at P=1024 pool slots, N in {1, 64, 256} sequences, H=32, K=V=128, fp32
@@ -63,6 +65,7 @@ TINY = dict(
     check=dict(B=1, T=6, H=1, HV=2, K=8, V=8),
 )
 TIMED = ("kda", "gated_delta_rule")
+VALUE_DECAY = ("gla", "kda", "dplr_delta_rule")  # the families that take gv
 ROUNDING_BAND = 1e-6  # fp32 rounding of the inputs themselves, relative
 
 
@@ -138,12 +141,16 @@ def with_backend(backend: str):
 def check_ops(device: torch.device, shape: dict) -> list[dict]:
     """fused_recurrent (Triton) for every family, and the chunk ops of the timed families."""
     rows = []
-    for name in FAMILIES:
+    cases = [(name, {}) for name in FAMILIES]
+    cases += [(name, dict(value_decay=True, gate=gate)) for name in VALUE_DECAY for gate in ("normal", "strong")]
+    for name, extra in cases:
         with_backend("torch")
-        torch_row = check_one(name, api.RECURRENT, device=device, dtype=torch.float32, shape=shape, seed=0)
+        torch_row = check_one(name, api.RECURRENT, device=device, dtype=torch.float32, shape=shape | extra, seed=0)
         with_backend("triton")
-        row = check_one(name, api.RECURRENT, device=device, dtype=torch.float32, shape=shape, seed=0)
+        row = check_one(name, api.RECURRENT, device=device, dtype=torch.float32, shape=shape | extra, seed=0)
         row["tolerance"] = 2 * torch_row["error"] + ROUNDING_BAND
+        if extra:
+            row["variant"] = f"gv, {extra['gate']} gates"
         rows.append(row)
     with_backend(_chunk_backend())
     for name in TIMED:
@@ -155,15 +162,18 @@ def check_ops(device: torch.device, shape: dict) -> list[dict]:
     return rows
 
 
-def check_decode(device: torch.device, shape: dict, *, state_v_first: bool) -> list[dict]:
-    """The decode step of every family: three tokens, padding rows, intermediate states."""
+def check_decode(device: torch.device, shape: dict, *, state_v_first: bool, value_decay: bool = False) -> list[dict]:
+    """The decode step of every family (with ``value_decay``: those that take ``gv``, with it):
+    three tokens, padding rows, intermediate states."""
     rows = []
     H, HV, K, V = shape["H"], shape["HV"], shape["K"], shape["V"]
     slots = [5, -1, 0, 9, -1, 2]
     N, T, P = len(slots), 3, 12
     with_backend("triton")
-    for name in FAMILIES:
-        args = make_inputs(name, B=N, T=T, H=H, HV=HV, K=K, V=V, device=device, initial_state=False)
+    for name in VALUE_DECAY if value_decay else FAMILIES:
+        args = make_inputs(
+            name, B=N, T=T, H=H, HV=HV, K=K, V=V, device=device, initial_state=False, value_decay=value_decay
+        )
         gen = torch.Generator().manual_seed(7)
         pool_kv = torch.randn(P, HV, K, V, generator=gen).to(device)
         pool = pool_kv.transpose(-1, -2).contiguous() if state_v_first else pool_kv.clone()
@@ -183,8 +193,8 @@ def check_decode(device: torch.device, shape: dict, *, state_v_first: bool) -> l
         exact = torch.equal(pool[untouched], before[untouched]) and not out.output[padding].any()
         error = max(errors)
         rows.append(
-            dict(family=name, layout="vk" if state_v_first else "kv", error=error, untouched_exact=exact,
-                 ok=exact and error <= 1e-5)
+            dict(family=name, variant="gv" if value_decay else None, layout="vk" if state_v_first else "kv",
+                 error=error, untouched_exact=exact, ok=exact and error <= 1e-5)
         )  # fmt: skip
     return rows
 
@@ -456,11 +466,14 @@ def main(argv: list[str] | None = None) -> int:
     progress("correctness: decode")
     decodes = [*check_decode(device, cfg["check"], state_v_first=False)]
     decodes += check_decode(device, cfg["check"], state_v_first=True)
+    decodes += check_decode(device, cfg["check"], state_v_first=False, value_decay=True)
     print_table("Correctness: fused_recurrent on Triton (and chunk) against the fp64 reference, fp32",
-                ops, [("family", "family", "s"), ("path", "path", "s"), ("worst", "worst", "s"),
+                ops, [("family", "family", "s"), ("path", "path", "s"), ("variant", "variant", "s"),
+                      ("worst", "worst", "s"),
                       ("error", "rel. error", ".2e"), ("tolerance", "tolerance", ".1e"), ("ok", "ok", "")])  # fmt: skip
     print_table("Correctness: decode step against the fp64 reference", decodes,
-                [("family", "family", "s"), ("layout", "layout", "s"), ("error", "rel. error", ".2e"),
+                [("family", "family", "s"), ("variant", "variant", "s"), ("layout", "layout", "s"),
+                 ("error", "rel. error", ".2e"),
                  ("untouched_exact", "untouched bit-exact", ""), ("ok", "ok", "")])  # fmt: skip
     failed = {r["family"] for r in ops + decodes if not r["ok"]}
     timed = [name for name in TIMED if name not in failed]
