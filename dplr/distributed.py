@@ -29,15 +29,10 @@ Only the piece that continues from the previous rank runs with the widened value
 rank, and every other sequence, run the op as usual. So the first rank has less to do: without
 ``cu_seqlens`` a longer slice there evens out the ranks (``benchmarks/gpu_cp.py`` measures one).
 
-With a value-side decay ``gv`` (``chunk_gla``, ``chunk_kda``, ``chunk_dplr_delta_rule``;
-docs/value-decay.md) each column of the state evolves as the key-side transition times a scalar,
-so a slice maps ``S_end = S⁰ + P S₀ Diag(q)`` and ``o_t = o⁰_t + (S₀ᵀ y_t) ⊙ Q_t``, with ``Q_t``
-the product of ``exp(gv)`` from the slice's start to token ``t`` and ``q`` its value at the
-end. The widened columns get ``gv = 0``, so ``P`` and ``y`` stay the key side's; ``Q`` is a prefix
-sum of ``gv`` (fp64: it runs over a whole slice) and its exponential, never above 1. The summary
-carries ``q`` as one more row (``[rows, HV, K + 1, V + K]``), so the exchange stays one
-all-gather each way, and the folds become ``c_{r+1} = S⁰_r + P_r c_r Diag(q_r)`` and
-``G_r = ∂L/∂c_r + P_rᵀ G_{r+1} Diag(q_r)``.
+With a value-side decay ``gv`` a slice maps ``S_end = S⁰ + P S₀ Diag(q)`` and
+``o_t = o⁰_t + (S₀ᵀ y_t) ⊙ Q_t`` (``Q_t`` the product of ``exp(gv)`` from the slice's start to
+``t``, ``q`` at its end; the widened columns run with ``gv = 0``): the summaries carry ``q`` as one
+more row, so the exchange stays one all-gather each way (docs/value-decay.md §5).
 
 Contract:
 
