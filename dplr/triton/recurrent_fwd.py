@@ -2,9 +2,9 @@
 
 One program owns one value head of one sequence and a block of ``BV`` value columns. The
 columns of ``S`` evolve independently for every structure (each update is a linear map
-acting on the key side, applied column by column), so splitting ``V`` across programs is
-exact and needs no communication. The state stays in registers, in fp32 (fp64 for fp64
-inputs), for the whole sequence.
+acting on the key side, applied column by column, and a value decay ``gv`` scales each column
+by its own factor), so splitting ``V`` across programs is exact and needs no communication.
+The state stays in registers, in fp32 (fp64 for fp64 inputs), for the whole sequence.
 
 The same kernel serves three callers (see :mod:`dplr.triton.recurrent`):
 
