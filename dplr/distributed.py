@@ -188,33 +188,39 @@ def _summary_grad(summary: torch.Tensor, c: torch.Tensor, G: torch.Tensor) -> to
 class _Exchange(torch.autograd.Function):
     """Everything that crosses ranks, with its explicit mirror as the backward.
 
-    Inputs: ``o_local [B,T,HV,V]`` (the head computed from a zero start), ``head_y [rows,L,HV,K]``,
-    ``head_decay [rows,L,HV,V]`` (``Q``, with a value decay; else None) and ``head_final``, the
-    head's summary, ``summary`` (how the carry out of this rank depends on the carry in; both laid
-    out as :func:`_advance` reads them), ``rest_finals`` (final states of the rest pieces that end
-    here). Outputs ``o`` and the final states (last rank; empty elsewhere).
+    Inputs: ``head_wide [rows,L,HV,V+K] = [o⁰ | y]`` (the head's widened output, None without a
+    head), ``head_decay [rows,L,HV,V]`` (``Q``, with a value decay; else None) and ``head_final``,
+    the head's summary, ``rest_o [B,T-L,HV,V]`` (the output of the rest pieces), ``summary`` (how
+    the carry out of this rank depends on the carry in; both summaries laid out as
+    :func:`_advance` reads them), ``rest_finals`` (final states of the rest pieces that end here).
+    Outputs ``o`` and the final states (last rank; empty elsewhere). The widened output is taken
+    whole and its gradient built in one piece: as two slices, autograd would zero-fill a
+    full-size gradient for each and add them, which at long slices costs more than the exchange.
     Being one Function whose output ``o`` every rank uses, its backward, and so its collectives,
     run on every rank.
     """
 
     @staticmethod
-    def forward(ctx, plan, group, o_local, head_y, head_decay, head_final, summary, rest_finals):
-        V = o_local.shape[-1]
+    def forward(ctx, plan, group, head_wide, head_decay, head_final, rest_o, summary, rest_finals):
+        V = rest_o.shape[-1]
         K = summary.shape[-1] - V
         parts = _gather(summary, group)
         carry = torch.zeros_like(summary[..., :K, :V])  # c_0: the first rank starts from its own initial state
         for j in range(plan.rank):
             carry = _advance(parts[j], carry)
 
-        o = o_local.clone()
         if plan.head:
-            L = plan.head_len
-            correction = torch.einsum("bthk,bhkv->bthv", head_y.to(carry.dtype), carry)
+            # o = o⁰ + (cᵀ y) ⊙ Q, summed in the state dtype and rounded once to the output's.
+            head = torch.einsum("bthk,bhkv->bthv", head_wide[..., V:].to(carry.dtype), carry)
             if head_decay is not None:
-                correction = correction * head_decay
-            o[:, :L] = (o_local[:, :L].to(carry.dtype) + correction).to(o.dtype)
+                head *= head_decay
+            head += head_wide[..., :V]
+            head = head.to(rest_o.dtype)
+            o = torch.cat([head, rest_o], 1) if rest_o.shape[1] else head
+        else:
+            o = rest_o.clone()  # a Function's output must not be one of its inputs
 
-        final = o_local.new_empty(0)
+        final = rest_o.new_empty(0)
         if plan.output_final_state:
             here = [rest_finals] if rest_finals is not None else []
             if plan.head_ends:
@@ -223,24 +229,27 @@ class _Exchange(torch.autograd.Function):
             final = _collect_finals(plan, group, here)
 
         ctx.plan, ctx.group = plan, group
-        ctx.save_for_backward(carry, head_y, head_decay, head_final, *parts[plan.rank :])
+        ctx.save_for_backward(carry, head_wide, head_decay, head_final, *parts[plan.rank :])
         return o, final
 
     @staticmethod
     def backward(ctx, d_o, d_final):
         plan, group = ctx.plan, ctx.group
-        carry, head_y, head_decay, head_final, own, *later = ctx.saved_tensors
+        carry, head_wide, head_decay, head_final, own, *later = ctx.saved_tensors
+        V, L = d_o.shape[-1], plan.head_len
         d_here = _spread_final_grads(plan, group, d_final, carry) if plan.output_final_state else None
 
         d_carry = torch.zeros_like(carry)  # ∂L/∂c_r through this rank's own results
-        d_head_y = d_head_decay = d_head_final = d_rest_finals = None
+        d_head_wide = d_head_decay = d_head_final = d_rest_finals = None
         if plan.head:
-            d_head = d_o[:, : plan.head_len].to(carry.dtype)
+            y = head_wide[..., V:].to(carry.dtype)
+            d_head = d_o[:, :L].to(carry.dtype)
             if head_decay is not None:
-                d_head_decay = d_head * torch.einsum("bthk,bhkv->bthv", head_y.to(carry.dtype), carry)
+                d_head_decay = d_head * torch.einsum("bthk,bhkv->bthv", y, carry)
                 d_head = d_head * head_decay
-            d_head_y = torch.einsum("bthv,bhkv->bthk", d_head, carry).to(head_y.dtype)
-            d_carry = d_carry + torch.einsum("bthk,bthv->bhkv", head_y.to(carry.dtype), d_head)
+            d_head_y = torch.einsum("bthv,bhkv->bthk", d_head, carry)
+            d_head_wide = torch.cat([d_o[:, :L], d_head_y.to(d_o.dtype)], -1)  # o⁰ enters o as it is
+            d_carry = d_carry + torch.einsum("bthk,bthv->bhkv", y, d_head)
         if d_here is not None:
             if plan.head_ends:
                 d_head_end, d_here = d_here[: plan.rows], d_here[plan.rows :]
@@ -256,7 +265,7 @@ class _Exchange(torch.autograd.Function):
         d_summary = None
         if plan.rank < plan.world - 1:
             d_summary = _summary_grad(own, carry, G)  # c_{r+1} = _advance(summary, c_r)
-        return None, None, d_o, d_head_y, d_head_decay, d_head_final, d_summary, d_rest_finals
+        return None, None, d_head_wide, d_head_decay, d_head_final, d_o[:, L:], d_summary, d_rest_finals
 
 
 def _collect_finals(plan: _Plan, group, here: torch.Tensor) -> torch.Tensor:
@@ -328,8 +337,7 @@ def _context_parallel(name: str, args: dict) -> Output:
 
     v = tensors["v"]
     state_dtype = torch.float64 if v.dtype == torch.float64 else torch.float32  # states are fp32 (fp64)
-    head_y = head_decay = head_final = rest_finals = None
-    pieces, summary = [], None
+    head_wide = head_decay = head_final = rest_o = rest_finals = summary = None
     if plan.head:
         piece = _slice(tensors, 0, plan.head_len)
         widened = torch.cat([piece["v"], piece["v"].new_zeros(*piece["v"].shape[:3], K)], -1)
@@ -339,9 +347,7 @@ def _context_parallel(name: str, args: dict) -> Output:
         if decayed:
             gv = piece["gv"]
             piece["gv"] = torch.cat([gv, gv.new_zeros(*gv.shape[:3], K)], -1)  # P's columns: the key side only
-        o_wide, head_final = op(**piece, initial_state=start, output_final_state=True, **options)
-        pieces.append(o_wide[..., :V])
-        head_y = o_wide[..., V:]
+        head_wide, head_final = op(**piece, initial_state=start, output_final_state=True, **options)
         if decayed:
             head_decay, total = _value_decays(gv, state_dtype)
             head_final = torch.cat([head_final, _decay_row(total, K)], -2)
@@ -353,8 +359,7 @@ def _context_parallel(name: str, args: dict) -> Output:
         if initial_state is not None and plan.rest_seqs is not None:
             rows = initial_state[plan.rest_seqs]
         cu = None if plan.rest_cu is None else torch.tensor(plan.rest_cu, dtype=torch.int64)
-        o_rest, finals = op(**piece, initial_state=rows, output_final_state=True, cu_seqlens=cu, **options)
-        pieces.append(o_rest)
+        rest_o, finals = op(**piece, initial_state=rows, output_final_state=True, cu_seqlens=cu, **options)
         if plan.rest_out:
             carried = finals[-plan.rows :]
             summary = torch.cat([carried, carried.new_zeros(plan.rows, HV, K, K)], -1)  # P = 0: starts here
@@ -364,9 +369,10 @@ def _context_parallel(name: str, args: dict) -> Output:
         rest_finals = finals if finals.shape[0] else None
     if summary is None:  # nothing continues out of this slice
         summary = v.new_zeros(plan.rows, HV, K + decayed, V + K, dtype=state_dtype)
-    o_local = torch.cat(pieces, 1) if len(pieces) > 1 else pieces[0] if pieces else v.new_empty(B, T, HV, V)
+    if rest_o is None:
+        rest_o = v.new_empty(B, T - plan.head_len, HV, V)
 
-    o, final = _Exchange.apply(plan, group, o_local, head_y, head_decay, head_final, summary, rest_finals)
+    o, final = _Exchange.apply(plan, group, head_wide, head_decay, head_final, rest_o, summary, rest_finals)
     return Output(o, final if output_final_state and plan.rank == world - 1 else None)
 
 
