@@ -296,6 +296,21 @@ def balanced_lengths(T: int, local: list[dict], even_ms: float) -> list[int]:
     return [*lengths, T - sum(lengths)]
 
 
+def profile(step, device: torch.device, rows: int = 12) -> list[str]:
+    """Every rank's busiest GPU kernels over one step (after a warm step), as text lines."""
+    from torch.profiler import ProfilerActivity
+
+    step()
+    sync(device)
+    with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        sync(device)
+    table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=60)
+    tables = [None] * dist.get_world_size()
+    dist.all_gather_object(tables, table)
+    return [f"rank {r}:\n{t}" for r, t in enumerate(tables)]
+
+
 def default_path(env: dict, world: int, tiny: bool) -> Path:
     slug = re.sub(r"[^a-z0-9]+", "_", env["cards"][0].lower()).strip("_")
     return RESULTS / f"gpu_cp_{slug}_x{world}{'_tiny' if tiny else ''}.json"
@@ -312,6 +327,8 @@ def report(result: dict, out: Path) -> None:
     times = result["times"]
     if not times:
         return
+    for text in times.get("profile", []):
+        print(f"\nprofile, one step with balanced slices, {text}")
     s = result["shape"]
     print(f"\nKDA forward + backward, B=1 T={s['T']} H={s['H']} K={s['K']} V={s['V']} {s['dtype']}, "
           f"median of {result['iters']} (ms)")  # fmt: skip
@@ -337,6 +354,7 @@ def main() -> int:
     parser.add_argument("--iters", type=int, default=None, help="timed runs (default 10; 3 with --tiny)")
     parser.add_argument("--T", type=int, default=None, help="total tokens (default 262144; 512 with --tiny)")
     parser.add_argument("--out", type=Path, default=None, help="the JSON file (default: under benchmarks/results)")
+    parser.add_argument("--profile", action="store_true", help="after timing: each rank's top GPU kernels in one step")
     args = parser.parse_args()
     size = TINY if args.tiny else FULL
     iters = args.iters or size["iters"]
@@ -387,6 +405,8 @@ def main() -> int:
         if checks[-1]["ok"]:
             times["balanced"] = balanced.time(device, iters)
         failed = [c for c in checks if not c["ok"]]
+        if args.profile and "balanced" in times:
+            times["profile"] = profile(balanced.step, device)
         best = min((times[k]["ms"], k) for k in ("even", "balanced") if k in times)
         times["ratio"], times["ratio_split"] = best[0] / times["single_ms"], best[1]
 
