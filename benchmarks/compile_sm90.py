@@ -1,6 +1,7 @@
 """Compile the Triton chunk kernels for sm_90 without a GPU and print their resource usage
 (registers, spills, shared memory): catches compile errors and register pressure before any
-device time is spent.  ``python benchmarks/compile_sm90.py [--K 128] [--V 128] [--C 64]``"""
+device time is spent.  ``python benchmarks/compile_sm90.py [--K 128] [--V 128] [--C 64]``;
+``--value-decay`` compiles the ``VALUE_DECAY`` (gv) variants of gla, kda and dplr instead."""
 
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ TARGET = GPUTarget("cuda", 90, 32)
 # pointers in the inputs' dtype (the rest are fp32 buffers)
 _BF16 = {"q", "k", "v", "a", "b", "g", "beta", "o", "do", "dv"}
 _BF16 |= {"X_START", "A_AK", "Q_START", "K_END", "B_END", "A_QK", "A_QB"}
+LOWRANK_NAMES = {0: "none", 1: "tied", 2: "general"}  # the LOWRANK constexpr's values, by name
+_FP64 = {"GV_CUM"}  # the value side's cumulative decays
 _I64 = {"chunk_bos", "seq_bos"}
 _I32 = {"chunk_len", "seq_len", "seq_chunk0"}
 
@@ -37,7 +40,17 @@ def compile_kernel(fn, given: dict, num_warps: int, dtype: str = "bf16"):
         if name == "scale":
             signature[name] = "fp32"
             continue
-        kind = dtype if name in _BF16 else "i64" if name in _I64 else "i32" if name in _I32 else "fp32"
+        kind = (
+            dtype
+            if name in _BF16
+            else "fp64"
+            if name in _FP64
+            else "i64"
+            if name in _I64
+            else "i32"
+            if name in _I32
+            else "fp32"
+        )
         signature[name] = "*" + kind
         attrs[(i,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
@@ -63,32 +76,42 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     ap.add_argument("--warps-prepare", type=int)
     ap.add_argument("--backward", action="store_true", help="also the three backward kernels")
+    ap.add_argument("--value-decay", action="store_true", help="the gv variants (gla, kda, dplr) instead")
     ns = ap.parse_args()
     import torch
 
     from dplr.triton import configs
 
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[ns.dtype]
-    cfg = configs.chunk_forward(K=ns.K, V=ns.V, C=ns.C, dtype=dtype, device="cuda")  # the tied pipeline depth
+    # the tied pipeline depth
+    cfg = configs.chunk_forward(K=ns.K, V=ns.V, C=ns.C, dtype=dtype, device="cuda", value_decay=ns.value_decay)
     L = min(16, ns.C)
-    for decay, lowrank in [(2, 1), (1, 1), (2, 2), (2, 0), (0, 1)]:
-        prep = dict(H=16, HV=16, K=ns.K, C=ns.C, L=L, LEVELS=(ns.C // L).bit_length() - 1,
-                    BK=cfg.BK, DECAY=decay, LOWRANK=lowrank,
+    levels = (ns.C // L).bit_length() - 1
+    structures = [(2, 1), (2, 2), (2, 0)] if ns.value_decay else [(2, 1), (1, 1), (2, 2), (2, 0), (0, 1)]
+    vd = ns.value_decay
+    for decay, lowrank in structures:
+        prep = dict(H=16, HV=16, K=ns.K, V=ns.V, C=ns.C, L=L, LEVELS=levels,
+                    BK=cfg.BK, DECAY=decay, LOWRANK=lowrank, VALUE_DECAY=vd,
                     PREC=cfg.precision, STORE_AKK=False, NS=1)  # fmt: skip
         k1 = compile_kernel(chunk_prepare_kernel, prep, ns.warps_prepare or cfg.warps_prepare, ns.dtype)
-        state = dict(HV=16, K=ns.K, V=ns.V, KP=triton.next_power_of_2(ns.K), C=ns.C, BV=cfg.BV_state, DECAY=decay,
-                     LOWRANK=lowrank, USE_H0=True, STORE_HT=True, STORE_O=True, STORE_STATES=False,
+        state = dict(HV=16, K=ns.K, V=ns.V, KP=triton.next_power_of_2(ns.K), C=ns.C, BV=cfg.BV_state,
+                     MERGES=ns.C.bit_length() - 1, DECAY=decay, LOWRANK=lowrank, VALUE_DECAY=vd,
+                     USE_H0=True, STORE_HT=True, STORE_O=True, STORE_STATES=False,
                      PREC=cfg.precision, NUM_STAGES=cfg.stages_state,
                      NS=cfg.stages_state)  # fmt: skip
         k2 = compile_kernel(chunk_state_kernel, state, cfg.warps_state, ns.dtype)
-        print(f"decay={decay} lowrank={lowrank}: prepare [{usage(k1)}]  state [{usage(k2)}]", flush=True)
+        label = f"decay={decay} lowrank={lowrank}{' value_decay' if vd else ''}"
+        print(f"{label}: prepare [{usage(k1)}]  state [{usage(k2)}]", flush=True)
         if ns.backward:
-            state_bwd = {key: state[key] for key in ("HV", "K", "V", "KP", "C", "BV", "DECAY", "LOWRANK", "PREC")}
+            names = ("HV", "K", "V", "KP", "C", "BV", "MERGES", "DECAY", "LOWRANK", "VALUE_DECAY", "PREC")
+            state_bwd = {key: state[key] for key in names}
             state_bwd.update(USE_DHT=True, STORE_DH0=True, NUM_STAGES=cfg.stages_state, NS=cfg.stages_state)
             k3 = compile_kernel(chunk_state_bwd_kernel, state_bwd, cfg.warps_state, ns.dtype)
-            values = dict(HV=16, K=ns.K, V=ns.V, KP=triton.next_power_of_2(ns.K), C=ns.C, BV=min(cfg.BV_state, 32),
-                          LOWRANK=lowrank, PREC=cfg.precision, NS=1)  # fmt: skip
-            k4 = compile_kernel(chunk_grad_values_kernel, values, 4, ns.dtype)
+            bwd = configs.chunk_backward(K=ns.K, V=ns.V, C=ns.C, dtype=dtype, lowrank=LOWRANK_NAMES[lowrank])
+            values = dict(HV=16, K=ns.K, V=ns.V, KP=triton.next_power_of_2(ns.K), C=ns.C, BV=bwd.BV_values,
+                          MERGES=state["MERGES"], DECAY=decay, LOWRANK=lowrank, VALUE_DECAY=vd,
+                          PREC=cfg.precision, NS=1)  # fmt: skip
+            k4 = compile_kernel(chunk_grad_values_kernel, values, bwd.warps_values, ns.dtype)
             keys = {key: prep[key] for key in ("H", "HV", "K", "C", "L", "LEVELS", "BK", "DECAY", "LOWRANK", "PREC")}
             k5 = compile_kernel(chunk_grad_keys_kernel, dict(keys, NS=1), 4, ns.dtype)
             print(f"  backward: state [{usage(k3)}]  values [{usage(k4)}]  keys [{usage(k5)}]", flush=True)

@@ -18,9 +18,7 @@ back through ``expand`` to the parameter's own shape.
 ``chunk_gla``, ``chunk_kda``, ``chunk_dplr_delta_rule`` and their ``fused_recurrent_*`` twins
 take ``gv [B, T, HV, V]``, a log decay (``<= 0``) per value channel that scales the state's
 columns after the key-side transition: ``S_t = (Diag(exp(g_t)) + b_t a_tᵀ) S_{t-1}
-Diag(exp(gv_t)) + k_t v_tᵀ`` (docs/value-decay.md). The Triton recurrent kernels run it; the
-chunk ops run it on the PyTorch path only: with ``DPLR_BACKEND=auto`` such calls go there on any
-device; ``DPLR_BACKEND=triton`` raises.
+Diag(exp(gv_t)) + k_t v_tᵀ`` (docs/value-decay.md), on both backends.
 """
 
 from __future__ import annotations
@@ -183,35 +181,20 @@ def _dispatch(problem: Problem, mode: str, chunk_size: int) -> tuple[torch.Tenso
         backend = "triton" if _triton_suits(problem, kernel_chunk) else "torch"
     elif backend == "triton" and not _triton_available():
         raise RuntimeError("DPLR_BACKEND=triton, but triton does not import")
-    elif backend == "triton" and torch_only(problem, kernel_chunk):
-        raise NotImplementedError(
-            f"DPLR_BACKEND=triton: the Triton kernels do not support {torch_only(problem, kernel_chunk)}; "
-            "use DPLR_BACKEND=auto (which sends such calls to the PyTorch path) or torch"
-        )
     return library.dispatch(problem, kernel_chunk, backend)
 
 
-def torch_only(problem: Problem, chunk_size: int) -> str | None:
-    """What in a call only the PyTorch path runs (named for the error), or ``None``;
-    ``chunk_size == library.RECURRENT_CHUNK`` for the recurrent kernels."""
-    if problem.transition.value_decay and chunk_size != library.RECURRENT_CHUNK:
-        return "gv (the value-side decay)"
-    return None
-
-
 def _triton_suits(problem: Problem, chunk_size: int) -> bool:
-    """CUDA tensors in 16/32-bit floats, a structure the kernels have, and a Triton backward if
-    a gradient will be asked for."""
+    """CUDA tensors in 16/32-bit floats, and a Triton backward (for this structure) if a
+    gradient will be asked for."""
     if not (problem.q.is_cuda and problem.q.dtype != torch.float64 and _triton_available()):
-        return False
-    if torch_only(problem, chunk_size):
         return False
     from . import triton as triton_path
 
     p = problem
     tensors = (p.q, p.k, p.v, p.g, p.beta, p.a, p.b, p.initial_state, p.gv)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    return not needs_grad or triton_path.has_backward(chunk_size)
+    return not needs_grad or triton_path.has_backward(chunk_size, value_decay=p.transition.value_decay)
 
 
 def _triton_available() -> bool:
@@ -257,7 +240,7 @@ def chunk_gla(
 ) -> Output:
     """Gated linear attention (GLA, RWKV-6-like): ``g [B, T, HV, K]``, a log decay per key channel.
     ``gv [B, T, HV, V]`` (optional) adds a log decay per value channel, ``S ← Diag(exp(g)) S
-    Diag(exp(gv)) + k vᵀ`` (GLA's general outer-product gate); PyTorch path only (see the module)."""
+    Diag(exp(gv)) + k vᵀ`` (GLA's general outer-product gate)."""
     return _run("gla", CHUNK, locals())
 
 
@@ -335,7 +318,7 @@ def chunk_kda(
     Without it, ``lower_bound`` is a promise ``g >= lower_bound`` (checked on CPU). dplr is exact for
     any gate; ``safe_gate`` is accepted for compatibility and changes nothing numerically.
     ``gv [B, T, HV, V]`` (optional, a plain log decay) decays the value channels too:
-    ``S ← (I - beta k kᵀ) Diag(exp(g)) S Diag(exp(gv)) + beta k vᵀ``; PyTorch path only (see the module)."""
+    ``S ← (I - beta k kᵀ) Diag(exp(g)) S Diag(exp(gv)) + beta k vᵀ``."""
     return _run("kda", CHUNK, locals())
 
 
@@ -360,7 +343,7 @@ def chunk_dplr_delta_rule(
     """General DPLR: ``S ← Diag(exp(gk)) S + b (aᵀ S) + k vᵀ``, ``a, b [B, T, H, K]``, ``gk [B, T, HV, K]``.
     ``lower_bound`` is a promise ``gk >= lower_bound`` (checked on CPU); any gate is exact.
     ``gv [B, T, HV, V]`` (optional) decays the value channels too: ``S ← (Diag(exp(gk)) + b aᵀ) S
-    Diag(exp(gv)) + k vᵀ``; PyTorch path only (see the module). Time-invariant (S4-style) ``gk``,
+    Diag(exp(gv)) + k vᵀ``. Time-invariant (S4-style) ``gk``,
     ``a``, ``b`` may be stride-0 views, e.g. ``a0.expand(B, T, H, K)``."""
     return _run("dplr_delta_rule", CHUNK, locals())
 
@@ -417,7 +400,7 @@ def fused_recurrent_gla(
     cu_seqlens=None,
     cu_seqlens_cpu=None,
 ) -> Output:
-    """:func:`chunk_gla`, token by token (``gv`` as there, on the Triton kernels too)."""
+    """:func:`chunk_gla`, token by token (``gv`` as there)."""
     return _run("gla", RECURRENT, locals())
 
 
@@ -485,7 +468,7 @@ def fused_recurrent_kda(
     cu_seqlens=None,
     cu_seqlens_cpu=None,
 ) -> Output:
-    """:func:`chunk_kda`, token by token (``gv`` as there, on the Triton kernels too)."""
+    """:func:`chunk_kda`, token by token (``gv`` as there)."""
     return _run("kda", RECURRENT, locals())
 
 
@@ -506,7 +489,7 @@ def fused_recurrent_dplr_delta_rule(
     cu_seqlens=None,
     cu_seqlens_cpu=None,
 ) -> Output:
-    """:func:`chunk_dplr_delta_rule`, token by token (``gv`` as there, on the Triton kernels too)."""
+    """:func:`chunk_dplr_delta_rule`, token by token (``gv`` as there)."""
     return _run("dplr_delta_rule", RECURRENT, locals())
 
 

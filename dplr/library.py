@@ -118,8 +118,6 @@ def recurrence_backward_op(
 
         problem = _problem(*inputs, cu_seqlens, scale, decay, lowrank)
         grads = triton_path.backward(problem, d_out, d_final, chunk_size)
-        if chunk_size != RECURRENT_CHUNK:  # the chunk kernels take no gv (api keeps such calls off them)
-            grads = (*grads, None)
     else:
         leaves = [None if t is None else t.detach().requires_grad_(True) for t in inputs]
         with _autograd_inside_op(), torch.enable_grad():

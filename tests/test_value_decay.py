@@ -12,10 +12,10 @@ import dataclasses
 import pytest
 import torch
 
-from dplr import api, library
+from dplr import api
 from dplr.engine import Problem, chunk_fwd
 from dplr.reference import recurrence
-from dplr.testing import MODES, _with_defaults, float_tensors, make_inputs, op
+from dplr.testing import MODES, float_tensors, make_inputs, op
 from dplr.torch_recurrent import recurrent_fwd
 from dplr.transition import ALL_TRANSITIONS, Decay, LowRank, to_general
 from tests.helpers import TOL, assert_chaining, assert_packed_equals_separate, run_and_compare
@@ -167,17 +167,9 @@ def test_checks_name_gv():
 
 
 def test_backend_rule(monkeypatch):
-    """auto sends chunk calls with gv to the PyTorch path; a forced Triton backend refuses them by
-    name. The recurrent kernels run gv (tests/triton/test_recurrent_value_decay.py)."""
+    """CPU tensors: auto runs gv on the PyTorch path. Both Triton engines take gv too, forced or
+    on CUDA tensors (tests/triton/test_value_decay.py, tests/triton/test_recurrent_value_decay.py)."""
     args = make_inputs("kda", B=1, T=10, H=1, K=8, V=4, value_decay=True)
-    problem = api.prepare("kda", api.CHUNK, _with_defaults("kda", args))
-    assert "gv" in api.torch_only(problem, api.DEFAULT_CHUNK_SIZE)
-    assert api.torch_only(problem, library.RECURRENT_CHUNK) is None
-    plain = api.prepare("kda", api.CHUNK, _with_defaults("kda", {k: x for k, x in args.items() if k != "gv"}))
-    assert api.torch_only(plain, api.DEFAULT_CHUNK_SIZE) is None
     expected = op("kda", "chunk")(**args).output  # the tests pin DPLR_BACKEND=torch
     monkeypatch.setenv("DPLR_BACKEND", "auto")
     torch.testing.assert_close(op("kda", "chunk")(**args).output, expected, rtol=0, atol=0)
-    monkeypatch.setenv("DPLR_BACKEND", "triton")
-    with pytest.raises(NotImplementedError, match="do not support gv"):
-        op("kda", "chunk")(**args)

@@ -5,8 +5,8 @@ Every kernel is parameterised by the structure through ``tl.constexpr`` (see
 canonical :class:`dplr.engine.Problem` of a call, like the PyTorch path:
 
 * ``forward(problem, chunk_size)`` → ``(o, final_state)`` in the compute dtype;
-* ``backward(problem, d_out, d_final, chunk_size)`` → gradients of the eight tensor inputs
-  ``(q, k, v, g, beta, a, b, initial_state)`` (``None`` for an absent input).
+* ``backward(problem, d_out, d_final, chunk_size)`` → gradients of the nine tensor inputs
+  ``(q, k, v, g, beta, a, b, initial_state, gv)`` (``None`` for an absent input).
 
 ``chunk_size == 0`` selects the recurrent (token-by-token) kernels.
 """
@@ -39,16 +39,20 @@ def forward(problem: Problem, chunk_size: int) -> tuple[torch.Tensor, torch.Tens
     return _module(chunk_size).forward(problem, chunk_size)
 
 
-def has_backward(chunk_size: int, *, checked_on_gpu: bool = True) -> bool:
+def has_backward(chunk_size: int, *, checked_on_gpu: bool = True, value_decay: bool = False) -> bool:
     """Whether these kernels have a backward; by default only one that has also passed the
-    check against the reference on a GPU (the module's ``BACKWARD_CHECKED_ON_GPU``), which is
-    what ``DPLR_BACKEND=auto`` requires before it trains on them. ``DPLR_BACKEND=triton``
-    runs any backward there is."""
+    check against the reference on a GPU (the module's ``BACKWARD_CHECKED_ON_GPU``, and with
+    ``value_decay`` its ``VALUE_DECAY_CHECKED_ON_GPU`` where it has one), which is what
+    ``DPLR_BACKEND=auto`` requires before it trains on them. ``DPLR_BACKEND=triton`` runs any
+    backward there is."""
     try:
         module = _module(chunk_size)
     except RuntimeError:
         return False
-    return hasattr(module, "backward") and (getattr(module, "BACKWARD_CHECKED_ON_GPU", False) or not checked_on_gpu)
+    checked = getattr(module, "BACKWARD_CHECKED_ON_GPU", False)
+    if value_decay:
+        checked = checked and getattr(module, "VALUE_DECAY_CHECKED_ON_GPU", True)
+    return hasattr(module, "backward") and (checked or not checked_on_gpu)
 
 
 def backward(problem: Problem, d_out: torch.Tensor, d_final: torch.Tensor, chunk_size: int) -> tuple:

@@ -32,6 +32,10 @@ from .structure import constexprs
 # family, bf16 and fp32, varlen, all gradients, bit-identical across two passes), so
 # DPLR_BACKEND=auto trains on it.
 BACKWARD_CHECKED_ON_GPU = True
+# The value-side decay gv (VALUE_DECAY) has been checked under TRITON_INTERPRET only: until
+# benchmarks/gpu_value_decay.py passes on a GPU, DPLR_BACKEND=auto runs its forward here but
+# trains on the PyTorch path.
+VALUE_DECAY_CHECKED_ON_GPU = False
 
 
 class ChunkIndex:
@@ -61,6 +65,23 @@ def chunk_index(
     return ChunkIndex(B, T, cu_seqlens, chunk_size, device)
 
 
+def _structure(problem: Problem) -> dict:
+    """The structure constexprs of a launch: the key side's and ``VALUE_DECAY`` (``gv``)."""
+    return {**constexprs(problem.transition), "VALUE_DECAY": problem.transition.value_decay}
+
+
+def _sub_blocks(chunk_size: int) -> dict:
+    """The key side's sub-blocks (:mod:`dplr.triton.intra`): ``L`` tokens each, and ``LEVELS``
+    pairwise merges of them up to the chunk."""
+    L = min(16, chunk_size)
+    return {"L": L, "LEVELS": int(math.log2(chunk_size // L))}
+
+
+def _merges(chunk_size: int) -> int:
+    """The value side's pairwise merges, from the chunk down to single tokens (:mod:`dplr.triton.columns`)."""
+    return int(math.log2(chunk_size))
+
+
 def _tokens(x: torch.Tensor | None) -> torch.Tensor | None:
     """``[B, T, heads, ...]`` → contiguous ``[B·T, heads, ...]``."""
     return None if x is None else x.reshape(-1, *x.shape[2:]).contiguous()
@@ -80,6 +101,7 @@ class Prepared(NamedTuple):
     A_qb: torch.Tensor
     decay_end: torch.Tensor
     G: torch.Tensor  # cumulative channel decays, fp32 (empty without channel decay)
+    GV: torch.Tensor  # cumulative value-side decays, fp64 (empty without gv; see dplr.triton.columns)
     A_kk: torch.Tensor  # tied, for the backward only (else empty)
 
 
@@ -90,7 +112,10 @@ def forward(problem: Problem, chunk_size: int, cfg: configs.ChunkForward | None 
         raise TypeError("the Triton kernels take fp16, bf16 or fp32 inputs; fp64 runs on the PyTorch path")
     K, V = p.q.shape[3], p.v.shape[3]
     lowrank = p.transition.lowrank.value
-    cfg = cfg or configs.chunk_forward(K=K, V=V, C=chunk_size, dtype=p.q.dtype, device=p.q.device, lowrank=lowrank)
+    cfg = cfg or configs.chunk_forward(
+        K=K, V=V, C=chunk_size, dtype=p.q.dtype, device=p.q.device, lowrank=lowrank,
+        value_decay=p.transition.value_decay,
+    )  # fmt: skip
     return state_pass(p, prepare(p, chunk_size, cfg), chunk_size, cfg)
 
 
@@ -98,12 +123,12 @@ def prepare(problem: Problem, chunk_size: int, cfg: configs.ChunkForward, *, kee
     """Launch 1: every chunk in parallel (stages 1-3); ``keep_akk`` also stores ``A_kk`` (backward)."""
     p = problem
     B, T, H, K = p.q.shape
-    HV = p.v.shape[2]
+    HV, V = p.v.shape[2], p.v.shape[3]
     C, device = chunk_size, p.q.device
     cu = None if p.cu_seqlens is None else tuple(p.cu_seqlens)
     index = chunk_index(B, T, cu, C, device)
     lowrank = p.transition.lowrank
-    q, k, g, beta, a, b = (_tokens(x) for x in (p.q, p.k, p.g, p.beta, p.a, p.b))
+    q, k, g, beta, a, b, gv = (_tokens(x) for x in (p.q, p.k, p.g, p.beta, p.a, p.b, p.gv))
     store = p.q.dtype  # intermediates in the input precision, as the tensor cores read them
 
     def scratch(width: int, used: bool = True, dtype: torch.dtype = store) -> torch.Tensor:
@@ -116,9 +141,9 @@ def prepare(problem: Problem, chunk_size: int, cfg: configs.ChunkForward, *, kee
         b_end=scratch(K, general), A_qk=scratch(C), A_qb=scratch(C, general),
         decay_end=torch.empty(index.num_chunks, HV, K, device=device, dtype=torch.float32),
         G=torch.empty(B * T if p.transition.decay is Decay.CHANNEL else 0, HV, K, device=device, dtype=torch.float32),
+        GV=torch.empty(B * T if gv is not None else 0, HV, V, device=device, dtype=torch.float64),
         A_kk=scratch(C, keep_akk and lowrank is LowRank.TIED, torch.float32),
     )  # fmt: skip
-    L = min(16, C)
     # The solve reads its matrix back by rows (L2-resident: written and read by one program).
     scratch_solve = torch.empty(
         index.num_chunks * HV * 2 * C * C if has_rank else 0, device=device, dtype=torch.float32
@@ -127,12 +152,12 @@ def prepare(problem: Problem, chunk_size: int, cfg: configs.ChunkForward, *, kee
         dummy = q  # an unused pointer argument still needs a tensor
         chunk_prepare_kernel[(index.num_chunks, HV)](
             q, k, dummy if g is None else g, dummy if beta is None else beta,
-            dummy if a is None else a, dummy if b is None else b,
+            dummy if a is None else a, dummy if b is None else b, dummy if gv is None else gv,
             out.x_start, out.M, out.A_ak, out.A_kk, out.q_start, out.k_end, out.b_end, out.A_qk, out.A_qb,
-            out.decay_end, out.G, scratch_solve, index.chunk_bos, index.chunk_len,
-            H=H, HV=HV, K=K, C=C, L=L, LEVELS=int(math.log2(C // L)), BK=cfg.BK,
+            out.decay_end, out.G, out.GV, scratch_solve, index.chunk_bos, index.chunk_len,
+            H=H, HV=HV, K=K, V=V, C=C, **_sub_blocks(C), BK=cfg.BK,
             PREC=cfg.precision, STORE_AKK=out.A_kk.numel() > 0, num_warps=cfg.warps_prepare, num_stages=1,
-            **constexprs(p.transition),
+            **_structure(p),
         )  # fmt: skip
     return out
 
@@ -153,19 +178,19 @@ def state_pass(
         grid = (index.num_seqs, HV, triton.cdiv(V, cfg.BV_state))
         chunk_state_kernel[grid](
             prep.x_start, prep.M, prep.A_ak, prep.q_start, prep.k_end, prep.b_end, prep.A_qk, prep.A_qb, prep.decay_end,
-            _tokens(p.v), final if p.beta is None else _tokens(p.beta), o, final if h0 is None else h0, final,
+            prep.GV, _tokens(p.v), final if p.beta is None else _tokens(p.beta), o, final if h0 is None else h0, final,
             final if states is None else states, index.seq_bos, index.seq_len, index.seq_chunk0, p.scale,
-            HV=HV, K=K, V=V, KP=triton.next_power_of_2(K), C=chunk_size, BV=cfg.BV_state,
+            HV=HV, K=K, V=V, KP=triton.next_power_of_2(K), C=chunk_size, BV=cfg.BV_state, MERGES=_merges(chunk_size),
             USE_H0=h0 is not None, STORE_HT=True, STORE_O=states is None, STORE_STATES=states is not None,
             PREC=cfg.precision, NUM_STAGES=cfg.stages_state,
-            num_warps=cfg.warps_state, **constexprs(p.transition),
+            num_warps=cfg.warps_state, **_structure(p),
         )  # fmt: skip
     return o, final
 
 
 def backward(problem: Problem, d_out: torch.Tensor, d_final: torch.Tensor | None, chunk_size: int) -> tuple:
-    """Gradients of ``(q, k, v, g, beta, a, b, initial_state)`` (``None`` for absent inputs), each
-    in its input's dtype. Recomputes the forward's per-chunk quantities and every chunk's initial
+    """Gradients of ``(q, k, v, g, beta, a, b, initial_state, gv)`` (``None`` for absent inputs),
+    each in its input's dtype. Recomputes the forward's per-chunk quantities and every chunk's initial
     state, then five launches: the state pass backwards (sequential over chunks), the values'
     gradients and the keys' (per chunk), and the sums over a key head's value heads. The chunk
     size is the backward's own (see :func:`configs.chunk_backward`): gradients do not depend on it."""
@@ -179,9 +204,11 @@ def backward(problem: Problem, d_out: torch.Tensor, d_final: torch.Tensor | None
         K=K, V=V, C=chunk_size, dtype=p.q.dtype, lowrank=lowrank.value, decay=p.transition.decay.value
     )
     C = bwd.C
-    cfg = configs.chunk_forward(K=K, V=V, C=C, dtype=p.q.dtype, device=device, lowrank=lowrank.value)
+    cfg = configs.chunk_forward(
+        K=K, V=V, C=C, dtype=p.q.dtype, device=device, lowrank=lowrank.value, value_decay=p.transition.value_decay
+    )
     prep = prepare(p, C, cfg, keep_akk=True)
-    index, NT, structure = prep.index, B * T, constexprs(p.transition)
+    index, NT, structure = prep.index, B * T, _structure(p)
     states = torch.empty(index.num_chunks, HV, K, V, device=device, dtype=torch.float32)
     state_pass(p, prep, C, cfg, states=states)
 
@@ -196,10 +223,11 @@ def backward(problem: Problem, d_out: torch.Tensor, d_final: torch.Tensor | None
     beta = _tokens(p.beta)
     if index.num_seqs:
         chunk_state_bwd_kernel[(index.num_seqs, HV, triton.cdiv(V, cfg.BV_state))](
-            prep.x_start, prep.M, prep.q_start, prep.k_end, prep.b_end, prep.A_qk, prep.A_qb, prep.decay_end,
+            prep.x_start, prep.M, prep.q_start, prep.k_end, prep.b_end, prep.A_qk, prep.A_qb, prep.decay_end, prep.GV,
             do if beta is None else beta, do, dh0 if d_final is None else d_final.to(torch.float32).contiguous(),
             dh0, d_states, index.seq_bos, index.seq_len, index.seq_chunk0, p.scale,
-            HV=HV, K=K, V=V, KP=KP, C=C, BV=cfg.BV_state, USE_DHT=d_final is not None, STORE_DH0=True,
+            HV=HV, K=K, V=V, KP=KP, C=C, BV=cfg.BV_state, MERGES=_merges(C),
+            USE_DHT=d_final is not None, STORE_DH0=True,
             PREC=cfg.precision, NUM_STAGES=cfg.stages_state, num_warps=cfg.warps_state, **structure,
         )  # fmt: skip
 
@@ -212,14 +240,15 @@ def backward(problem: Problem, d_out: torch.Tensor, d_final: torch.Tensor | None
     db_end, dx = f32(NT, HV, K, used=general), f32(NT, HV, K, used=has_rank)
     dbeta = f32(NT, HV, used=tied)
     d_decay = f32(index.num_chunks, HV, K)
+    dgv = f32(NT, HV, V, used=p.gv is not None)
     grid = (index.num_chunks, HV)
     if index.num_chunks:
         chunk_grad_values_kernel[grid](
             _tokens(p.v), do if beta is None else beta, do, states, d_states, prep.x_start, prep.M, prep.A_ak,
-            prep.k_end, prep.b_end, prep.A_qk, prep.A_qb,
-            dv, dA_qk, dA_qb, dA_ak, dM, dq_start, dk_end, db_end, dx, dbeta, d_decay,
+            prep.k_end, prep.b_end, prep.A_qk, prep.A_qb, prep.q_start, prep.decay_end, prep.GV,
+            dv, dA_qk, dA_qb, dA_ak, dM, dq_start, dk_end, db_end, dx, dbeta, d_decay, dgv,
             index.chunk_bos, index.chunk_len, p.scale,
-            HV=HV, K=K, V=V, KP=KP, C=C, BV=bwd.BV_values, LOWRANK=structure["LOWRANK"],
+            HV=HV, K=K, V=V, KP=KP, C=C, BV=bwd.BV_values, MERGES=_merges(C), **structure,
             PREC=cfg.precision, num_warps=bwd.warps_values,
         )  # fmt: skip
     G_cum, M_solve, A_kk, decay_end = prep.G, prep.M, prep.A_kk, prep.decay_end
@@ -232,14 +261,13 @@ def backward(problem: Problem, d_out: torch.Tensor, d_final: torch.Tensor | None
     dg = None if p.g is None else f32(NT, HV, *p.g.shape[3:])
     if index.num_chunks:
         q, k, g, a, b = (_tokens(x) for x in (p.q, p.k, p.g, p.a, p.b))
-        L = min(16, C)
         chunk_grad_keys_kernel[grid](
             q, k, q if g is None else g, q if a is None else a, q if b is None else b, do if beta is None else beta,
             G_cum, M_solve, A_kk, dA_qk, dA_qb, dA_ak, dM, dq_start, dk_end, db_end, dx, d_decay,
             decay_end, dbeta, dq, dk, da, db, dq if dg is None else dg,
             index.chunk_bos, index.chunk_len,
-            H=H, HV=HV, K=K, C=C, L=L, LEVELS=int(math.log2(C // L)), BK=bwd.BK_keys,
-            PREC=cfg.precision, num_warps=bwd.warps_keys, **structure,
+            H=H, HV=HV, K=K, C=C, **_sub_blocks(C), BK=bwd.BK_keys,
+            PREC=cfg.precision, num_warps=bwd.warps_keys, **constexprs(p.transition),
         )  # fmt: skip
 
     def key_grad(x: torch.Tensor, like: torch.Tensor | None) -> torch.Tensor | None:
@@ -256,4 +284,5 @@ def backward(problem: Problem, d_out: torch.Tensor, d_final: torch.Tensor | None
         None if p.beta is None else dbeta.view(B, T, HV).to(p.beta.dtype),
         key_grad(da, p.a), key_grad(db, p.b),
         None if p.initial_state is None else dh0.to(p.initial_state.dtype),
+        None if p.gv is None else dgv.view(p.gv.shape).to(p.gv.dtype),
     )  # fmt: skip

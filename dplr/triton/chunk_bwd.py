@@ -20,6 +20,13 @@ out), so their relative precision shows. The keys kernel sums the decays in fp64
 difference to fp32 before ``exp``) and forms the exclusive sums over rows by shifted scans,
 never by subtracting a row from a total.
 
+With a value-side decay (``VALUE_DECAY``) the values kernel also recomputes the pseudo-values
+with their column factors (:mod:`dplr.triton.state`), takes each column-decayed product back
+through :func:`~dplr.triton.columns.column_product_bwd` and writes ``dgv``: ``dgv_t =
+Σ_{i>=t} dGV_i + Σ_{i<t} dTo_end_i + exp(GV_C) d exp(GV_C)``, ``dGV`` gathering the reads of the
+state (``exp(GV)``) and the products' pair factors; the key-side quantities keep their meaning,
+so the keys kernel is the same.
+
 The formulas are those of autograd through the forward's math (checked to 1e-16 in fp64 when
 they were derived); the tests compare the kernels with the fp64 reference.
 """
@@ -29,6 +36,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .columns import column_ends, column_product, column_product_bwd
 from .intra import LIMIT, _dot_t, _gather_G, _key_slices, _load_rows, _store_rows
 from .state import _state_offsets
 from .structure import DECAY_CHANNEL, DECAY_NONE, DECAY_SCALAR, LOWRANK_GENERAL, LOWRANK_NONE, LOWRANK_TIED
@@ -62,14 +70,16 @@ def _chunk_tiles(A_QK, K_END, X_START, M_SOLVE, hv, bos, i, valid, kk, HV, K, C,
 
 @triton.jit
 def chunk_grad_values_kernel(
-    v, beta, do, STATES, DSTATES, X_START, M_SOLVE, A_AK, K_END, B_END, A_QK, A_QB,
-    dv, DA_QK, DA_QB, DA_AK, DM, DQ_START, DK_END, DB_END, DX, DBETA, DDECAY,
+    v, beta, do, STATES, DSTATES, X_START, M_SOLVE, A_AK, K_END, B_END, A_QK, A_QB, Q_START, DECAY_END, GV_CUM,
+    dv, DA_QK, DA_QB, DA_AK, DM, DQ_START, DK_END, DB_END, DX, DBETA, DDECAY, dgv,
     chunk_bos, chunk_len, scale,
     HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, KP: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
-    LOWRANK: tl.constexpr, PREC: tl.constexpr,
+    MERGES: tl.constexpr,
+    DECAY: tl.constexpr, LOWRANK: tl.constexpr, VALUE_DECAY: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """``dv [BT, HV, V]``; fp32 accumulators: ``DA_* , DM [BT, HV, C]``, ``DQ_START, DK_END, DB_END,
-    DX [BT, HV, K]``, ``DBETA [BT, HV]``, ``DDECAY [NT, HV, K]``.
+    DX [BT, HV, K]``, ``DBETA [BT, HV]``, ``DDECAY [NT, HV, K]``; with ``VALUE_DECAY`` also
+    ``dgv [BT, HV, V]`` fp32 (``Q_START``, ``DECAY_END`` and ``GV_CUM`` are read only then).
 
     The chunk's ``C x K`` and ``C x C`` inputs are loaded again in every value block (from L2)
     for the general form and the plain one, and held across the blocks for the tied form:
@@ -94,6 +104,8 @@ def chunk_grad_values_kernel(
     dM = tl.zeros((C, C), tl.float32)
     dbeta = tl.zeros((C,), tl.float32)
     ddecay = tl.zeros((KP,), tl.float32)
+    if VALUE_DECAY:
+        dN = tl.zeros((C, C), tl.float32)  # general: the gradient of N = M A_ak
     for v0 in tl.static_range(0, V, BV):
         first = v0 == 0
         vcols = v0 + tl.arange(0, BV)
@@ -109,7 +121,80 @@ def chunk_grad_values_kernel(
             A_qk, k_end, x_c, m_c = _chunk_tiles(
                 A_QK, K_END, X_START, M_SOLVE, hv, bos, i, valid, kk, HV, K, C, LOWRANK
             )
-        if LOWRANK == LOWRANK_TIED:
+        if VALUE_DECAY:
+            # P = exp(GV) ⊙ Pw + (N ∘ F) Z (see dplr.triton.state); dG gathers the gradient of the
+            # cumulative decays GV, to_end that of the factors exp(GV_C - GV).
+            GV = GV_CUM + hv * V
+            start_v, end_v, chunk_v = column_ends(GV, bos, n, vcols, HV * V, V, C)
+            q_start = _load_rows(Q_START + hv * K, bos, i, valid, HV * K, kk, K)
+            dG = do_c * start_v * _mm(q_start, S, PREC)
+            kd = _mm(k_end, dS, PREC)
+            if LOWRANK == LOWRANK_TIED:
+                XS = _mm(x_c, S, PREC)
+                Z = beta_c[:, None] * v_c
+                Pw = _mm(m_c, -beta_c[:, None] * XS, PREC)
+                P = start_v * Pw + column_product(m_c, Z, GV, bos, n, vcols, HV * V, V, C, MERGES, PREC)
+                dP, dA, dG_p = column_product_bwd(A_qk, P, do_c, GV, bos, n, vcols, HV * V, V, C, MERGES, PREC, True)
+                dP += end_v * kd
+                to_end = P * end_v * kd
+                _accumulate_rows(DK_END + hv * K, _dot_t(P * end_v, dS, PREC), bos, i, valid, HV * K, kk, K, first)
+            else:
+                dv_c, dA, dG_p = column_product_bwd(A_qk, v_c, do_c, GV, bos, n, vcols, HV * V, V, C, MERGES, PREC,
+                                                    True)  # fmt: skip
+                dv_c += end_v * kd
+                to_end = v_c * end_v * kd
+                _accumulate_rows(DK_END + hv * K, _dot_t(v_c * end_v, dS, PREC), bos, i, valid, HV * K, kk, K, first)
+            dA_qk += dA
+            dG += dG_p
+            if LOWRANK == LOWRANK_GENERAL:
+                A_qb = _load_rows(A_QB + hv * C, bos, i, valid, HV * C, i, C)
+                A_ak = _load_rows(A_AK + hv * C, bos, i, valid, HV * C, i, C)
+                b_end = _load_rows(B_END + hv * K, bos, i, valid, HV * K, kk, K)
+                XS = _mm(x_c, S, PREC)
+                Pw = _mm(m_c, XS, PREC)
+                N = _mm(m_c, A_ak, PREC)
+                P = start_v * Pw + column_product(N, v_c, GV, bos, n, vcols, HV * V, V, C, MERGES, PREC)
+                dP, dA, dG_p = column_product_bwd(A_qb, P, do_c, GV, bos, n, vcols, HV * V, V, C, MERGES, PREC, True)
+                dA_qb += dA
+                dG += dG_p
+                bd = _mm(b_end, dS, PREC)
+                dP += end_v * bd
+                to_end += P * end_v * bd
+                _accumulate_rows(DB_END + hv * K, _dot_t(P * end_v, dS, PREC), bos, i, valid, HV * K, kk, K, first)
+            if LOWRANK != LOWRANK_NONE:
+                dG += start_v * dP * Pw
+                dPw = start_v * dP
+                dXS = _mm(tl.trans(m_c), dPw, PREC)
+                if LOWRANK == LOWRANK_TIED:
+                    dM += _dot_t(dPw, -beta_c[:, None] * XS, PREC)
+                    dbeta -= tl.sum(XS * dXS, axis=1)
+                    _accumulate_rows(DX + hv * K, _dot_t(-beta_c[:, None] * dXS, S, PREC), bos, i, valid, HV * K, kk,
+                                     K, first)  # fmt: skip
+                    dZ, dA, dG_p = column_product_bwd(m_c, Z, dP, GV, bos, n, vcols, HV * V, V, C, MERGES, PREC,
+                                                      True)  # fmt: skip
+                    dM += dA
+                    dv_c = beta_c[:, None] * dZ
+                    dbeta += tl.sum(v_c * dZ, axis=1)
+                else:
+                    dM += _dot_t(dPw, XS, PREC)
+                    _accumulate_rows(DX + hv * K, _dot_t(dXS, S, PREC), bos, i, valid, HV * K, kk, K, first)
+                    dZ, dA, dG_p = column_product_bwd(N, v_c, dP, GV, bos, n, vcols, HV * V, V, C, MERGES, PREC,
+                                                      True)  # fmt: skip
+                    dN += dA
+                    dv_c += dZ
+                dG += dG_p
+            # The state's columns decay by exp(GV_C) over the chunk, after its rows by exp(G_C).
+            kept = S * dS
+            if DECAY != DECAY_NONE:
+                kept *= tl.load(DECAY_END + (cid * HV + hv) * K + kk, mask=kk < K, other=0.0)[:, None]
+            ptrs = dgv + hv * V + (bos + i)[:, None] * (HV * V) + vcols[None, :]
+            later, earlier = _exclusive_sums(ptrs, HV * V, i[:, None], n, (vcols < V)[None, :], dG, to_end)
+            dgv_c = dG + later + earlier + (chunk_v * tl.sum(kept, axis=0))[None, :]
+            _store_rows(dgv + hv * V, dgv_c, bos, i, valid, HV * V, vcols, V)
+            # What the shared tail below reads: the output's and the next chunk's views of S.
+            do_c = do_c * start_v
+            dS = dS * chunk_v[None, :]
+        elif LOWRANK == LOWRANK_TIED:
             Rv = v_c - _mm(x_c, S, PREC)
             P = _mm(m_c, beta_c[:, None] * Rv, PREC)
             dA_qk += _dot_t(do_c, P, PREC)
@@ -144,6 +229,12 @@ def chunk_grad_values_kernel(
         _store_rows(dv + hv * V, dv_c, bos, i, valid, HV * V, vcols, V)
         ddecay += tl.sum(S * dS, axis=1)
 
+    if VALUE_DECAY and LOWRANK == LOWRANK_GENERAL:  # N = M A_ak, strictly lower
+        A_ak = _load_rows(A_AK + hv * C, bos, i, valid, HV * C, i, C).to(tl.float32)
+        m_c = _load_rows(M_SOLVE + hv * C, bos, i, valid, HV * C, i, C)
+        dN = tl.where(i[:, None] > i[None, :], dN, 0.0)
+        dM += _dot_t(dN, A_ak, PREC)
+        dA_ak += _mm(tl.trans(m_c), dN, PREC)
     _store_rows(DA_QK + hv * C, dA_qk, bos, i, valid, HV * C, i, C)
     tl.store(DDECAY + (cid * HV + hv) * K + kk, ddecay, mask=kk < K)
     if LOWRANK != LOWRANK_NONE:

@@ -49,10 +49,21 @@ def _state_stages(*, lowrank: str, C: int, KP: int, BV: int, itemsize: int) -> i
 
 
 def chunk_forward(
-    *, K: int, V: int, C: int, dtype: torch.dtype, device: torch.device, lowrank: str = "tied"
+    *,
+    K: int,
+    V: int,
+    C: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    lowrank: str = "tied",
+    value_decay: bool = False,
 ) -> ChunkForward:
+    """With ``value_decay`` the state passes hold the column factors of gv beside the state
+    (:mod:`dplr.triton.columns`): half the value block, and no pipelining, whose buffers would
+    have to stage the chunk's fp64 sums once per gather (sm_90, K = V = 128, KDA: 313 KiB of
+    shared memory at 3 stages, over Hopper's 227)."""
     KP, VP = triton.next_power_of_2(K), triton.next_power_of_2(V)
-    BV_state = max(16, min(64, VP, STATE_REGISTER_BUDGET // KP))
+    BV_state = max(16, min(32 if value_decay else 64, VP, STATE_REGISTER_BUDGET // KP))
     return ChunkForward(
         BK=max(16, min(64, KP)),
         BV_state=BV_state,
@@ -61,7 +72,7 @@ def chunk_forward(
         warps_prepare=8 if lowrank == "general" and C >= 64 else 4,
         warps_state=4,
         stages_state=1
-        if interpreting()
+        if interpreting() or value_decay
         else _state_stages(lowrank=lowrank, C=C, KP=KP, BV=BV_state, itemsize=dtype.itemsize),
         # fp32 inputs: three tf32 products per dot (about fp32's accuracy on the tensor cores);
         # "ieee" dots compile to scalar FMA loops that spill and take minutes to compile on sm_90.

@@ -186,12 +186,13 @@ def _unit_lower_inverse(N, scratch, C: tl.constexpr, L: tl.constexpr, LEVELS: tl
 
 @triton.jit
 def chunk_prepare_kernel(
-    q, k, g, beta, a, b,
-    X_START, M_SOLVE, A_AK, A_KK, Q_START, K_END, B_END, A_QK, A_QB, DECAY_END, G_CUM, SCRATCH,
+    q, k, g, beta, a, b, gv,
+    X_START, M_SOLVE, A_AK, A_KK, Q_START, K_END, B_END, A_QK, A_QB, DECAY_END, G_CUM, GV_CUM, SCRATCH,
     chunk_bos, chunk_len,
-    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     C: tl.constexpr, L: tl.constexpr, LEVELS: tl.constexpr, BK: tl.constexpr,
-    DECAY: tl.constexpr, LOWRANK: tl.constexpr, PREC: tl.constexpr, STORE_AKK: tl.constexpr,
+    DECAY: tl.constexpr, LOWRANK: tl.constexpr, VALUE_DECAY: tl.constexpr, PREC: tl.constexpr,
+    STORE_AKK: tl.constexpr,
 ):  # fmt: skip
     """One (chunk, value head). Inputs token-major: ``q, k, a, b [BT, H, K]``,
     ``g [BT, HV, K]`` or ``[BT, HV]``, ``beta [BT, HV]``. Outputs token-major per value head:
@@ -199,7 +200,9 @@ def chunk_prepare_kernel(
     initial state, ...), ``A_QK, A_QB, A_AK [BT, HV, C]`` (and for the backward ``A_KK``, when
     ``STORE_AKK``) and the solve ``M_SOLVE [BT, HV, C]``
     fp32 (row i of the chunk's matrix at token i), ``DECAY_END [NT, HV, K] = exp(G_C)`` and (channel decay)
-    the cumulative decays ``G_CUM [BT, HV, K]`` fp32; ``SCRATCH [NT, HV, 2, C, C]`` fp32 serves the solve."""
+    the cumulative decays ``G_CUM [BT, HV, K]`` fp32; ``SCRATCH [NT, HV, 2, C, C]`` fp32 serves the solve.
+    With ``VALUE_DECAY``: ``gv [BT, HV, V]`` in, its cumulative sums ``GV_CUM [BT, HV, V]`` fp64 out
+    (see :mod:`dplr.triton.columns`)."""
     cid = tl.program_id(0)
     hv = tl.program_id(1)
     h = hv // (HV // H)
@@ -215,6 +218,11 @@ def chunk_prepare_kernel(
     A_ab = tl.zeros((C, C), dtype=tl.float32)
     A_ak = tl.zeros((C, C), dtype=tl.float32)
     A_qb = tl.zeros((C, C), dtype=tl.float32)
+    if VALUE_DECAY:  # the value side's sums, fp64: the later kernels take differences of them
+        for v0 in range(0, V, BK):
+            vcols = v0 + tl.arange(0, BK)
+            gv_t = _load_rows(gv + hv * V, bos, i, valid, HV * V, vcols, V).to(tl.float64)
+            _store_rows(GV_CUM + hv * V, tl.cumsum(gv_t, axis=0), bos, i, valid, HV * V, vcols, V)
     if DECAY == DECAY_SCALAR:
         # fp64 sums (a C-vector: cheap), for the reason given in _channel_slice's exact path
         gs = tl.load(g + (bos + i) * HV + hv, mask=valid, other=0.0).to(tl.float64)

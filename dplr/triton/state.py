@@ -9,6 +9,12 @@ Per chunk, with ``X_START, M_SOLVE, K_END, ...`` from :mod:`dplr.triton.intra`:
 * ``O = scale · (Q_START S + A_qk (P | v) [+ A_qb P])``;
 * ``S ← exp(G_C) ⊙ S + K_ENDᵀ (P | v) [+ B_ENDᵀ P]``.
 
+With a value-side decay (``VALUE_DECAY``; docs/value-decay.md §2 and §5) the state's columns
+carry the factors of :mod:`dplr.triton.columns`: ``P = exp(GV) ⊙ (W S) + (N ∘ F) Z`` with
+``W S = M (-beta ⊙ X S)``, ``N ∘ F`` applied to ``Z = beta ⊙ v`` (tied) or ``W S = M (X S)``,
+``N = M A_ak`` (general); ``O = scale · (exp(GV) ⊙ (Q_START S) + (A_qk ∘ F) (P | v) [+ (A_qb ∘ F) P])``;
+``S ← exp(G_C) ⊙ S ⊙ exp(GV_C) + K_ENDᵀ (exp(GV_C - GV) ⊙ (P | v)) [+ B_ENDᵀ (...P)]``.
+
 The chunk's loads do not depend on ``S``, so the pipelined loop fetches the next chunk while
 this one computes; only the three small products are on the sequential path.
 """
@@ -18,6 +24,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .columns import column_ends, column_product, column_product_bwd
 from .intra import _load_rows, _store_rows
 from .structure import DECAY_NONE, LOWRANK_GENERAL, LOWRANK_NONE, LOWRANK_TIED
 
@@ -36,10 +43,11 @@ def _state_offsets(row, hv, kk, vcols, HV: tl.constexpr, K: tl.constexpr, V: tl.
 
 @triton.jit
 def chunk_state_kernel(
-    X_START, M_SOLVE, A_AK, Q_START, K_END, B_END, A_QK, A_QB, DECAY_END, v, beta, o, h0, ht, STATES,
+    X_START, M_SOLVE, A_AK, Q_START, K_END, B_END, A_QK, A_QB, DECAY_END, GV_CUM, v, beta, o, h0, ht, STATES,
     seq_bos, seq_len, seq_chunk0, scale,
     HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, KP: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
-    DECAY: tl.constexpr, LOWRANK: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr,
+    MERGES: tl.constexpr,
+    DECAY: tl.constexpr, LOWRANK: tl.constexpr, VALUE_DECAY: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr,
     STORE_O: tl.constexpr, STORE_STATES: tl.constexpr,
     PREC: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):  # fmt: skip
@@ -72,31 +80,62 @@ def chunk_state_kernel(
         k_end = _load_rows(K_END + hv * K, row0, i, valid, HV * K, kk, K)
         A_qk = _load_rows(A_QK + hv * C, row0, i, valid, HV * C, i, C)
         v_c = _load_rows(v + hv * V, row0, i, valid, HV * V, vcols, V)
+        if VALUE_DECAY:
+            n_c = tl.minimum(length - c * C, C)
+            GV = GV_CUM + hv * V
+            start_v, end_v, chunk_v = column_ends(GV, row0, n_c, vcols, HV * V, V, C)
         if LOWRANK != LOWRANK_NONE:
             x_c = _load_rows(X_START + hv * K, row0, i, valid, HV * K, kk, K)
             m_c = _load_rows(M_SOLVE + hv * C, row0, i, valid, HV * C, i, C)
             if LOWRANK == LOWRANK_TIED:
                 beta_c = tl.load(beta + (row0 + i) * HV + hv, mask=valid, other=0.0).to(tl.float32)
-                R = beta_c[:, None] * (v_c.to(tl.float32) - _mm(x_c, S, PREC))
+                if VALUE_DECAY:
+                    P = start_v * tl.dot(m_c, -beta_c[:, None] * _mm(x_c, S, PREC), input_precision=PREC)
+                    P += column_product(m_c, beta_c[:, None] * v_c.to(tl.float32), GV, row0, n_c, vcols, HV * V, V,
+                                        C, MERGES, PREC)  # fmt: skip
+                else:
+                    R = beta_c[:, None] * (v_c.to(tl.float32) - _mm(x_c, S, PREC))
             else:
                 a_ak = _load_rows(A_AK + hv * C, row0, i, valid, HV * C, i, C)
-                R = _mm(x_c, S, PREC) + _mm(a_ak, v_c, PREC)
-            P = tl.dot(m_c, R, input_precision=PREC)  # the solve stays fp32 (tf32 at most)
+                if VALUE_DECAY:
+                    P = start_v * tl.dot(m_c, _mm(x_c, S, PREC), input_precision=PREC)
+                    n_ak = tl.dot(m_c, a_ak.to(tl.float32), input_precision=PREC)
+                    P += column_product(n_ak, v_c, GV, row0, n_c, vcols, HV * V, V, C, MERGES, PREC)
+                else:
+                    R = _mm(x_c, S, PREC) + _mm(a_ak, v_c, PREC)
+            if not VALUE_DECAY:
+                P = tl.dot(m_c, R, input_precision=PREC)  # the solve stays fp32 (tf32 at most)
 
         if STORE_O:
             out = _mm(q_start, S, PREC)
-            if LOWRANK == LOWRANK_TIED:
-                out += _mm(A_qk, P, PREC)
+            if VALUE_DECAY:
+                out = start_v * out
+                if LOWRANK == LOWRANK_TIED:
+                    out += column_product(A_qk, P, GV, row0, n_c, vcols, HV * V, V, C, MERGES, PREC)
+                else:
+                    out += column_product(A_qk, v_c, GV, row0, n_c, vcols, HV * V, V, C, MERGES, PREC)
+                if LOWRANK == LOWRANK_GENERAL:
+                    A_qb = _load_rows(A_QB + hv * C, row0, i, valid, HV * C, i, C)
+                    out += column_product(A_qb, P, GV, row0, n_c, vcols, HV * V, V, C, MERGES, PREC)
             else:
-                out += _mm(A_qk, v_c, PREC)
-            if LOWRANK == LOWRANK_GENERAL:
-                A_qb = _load_rows(A_QB + hv * C, row0, i, valid, HV * C, i, C)
-                out += _mm(A_qb, P, PREC)
+                if LOWRANK == LOWRANK_TIED:
+                    out += _mm(A_qk, P, PREC)
+                else:
+                    out += _mm(A_qk, v_c, PREC)
+                if LOWRANK == LOWRANK_GENERAL:
+                    A_qb = _load_rows(A_QB + hv * C, row0, i, valid, HV * C, i, C)
+                    out += _mm(A_qb, P, PREC)
             _store_rows(o + hv * V, out * scale, row0, i, valid, HV * V, vcols, V)
 
         if DECAY != DECAY_NONE:
             decay = tl.load(DECAY_END + ((chunk0 + c) * HV + hv) * K + kk, mask=kk < K, other=0.0)
             S = decay[:, None] * S
+        if VALUE_DECAY:  # the columns decay over the chunk; what the chunk writes, from each token on
+            S = S * chunk_v[None, :]
+            if LOWRANK != LOWRANK_NONE:
+                P = P * end_v
+            if LOWRANK != LOWRANK_TIED:
+                v_c = v_c.to(tl.float32) * end_v
         if LOWRANK == LOWRANK_TIED:
             S += _mm(tl.trans(k_end), P, PREC)
         else:
@@ -111,10 +150,12 @@ def chunk_state_kernel(
 
 @triton.jit
 def chunk_state_bwd_kernel(
-    X_START, M_SOLVE, Q_START, K_END, B_END, A_QK, A_QB, DECAY_END, beta, do, dht, dh0, DSTATES,
+    X_START, M_SOLVE, Q_START, K_END, B_END, A_QK, A_QB, DECAY_END, GV_CUM, beta, do, dht, dh0, DSTATES,
     seq_bos, seq_len, seq_chunk0, scale,
     HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, KP: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
-    DECAY: tl.constexpr, LOWRANK: tl.constexpr, USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
+    MERGES: tl.constexpr,
+    DECAY: tl.constexpr, LOWRANK: tl.constexpr, VALUE_DECAY: tl.constexpr, USE_DHT: tl.constexpr,
+    STORE_DH0: tl.constexpr,
     PREC: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):  # fmt: skip
     """The state pass backwards: ``dS`` is the gradient of the state after the chunk; per chunk
@@ -124,7 +165,11 @@ def chunk_state_bwd_kernel(
     * general: ``dP = A_qbᵀ dO' + B_END dS``, ``dS ← exp(G_C) ⊙ dS + Q_STARTᵀ dO' + Xᵀ (Mᵀ dP)``;
     * none: ``dS ← exp(G_C) ⊙ dS + Q_STARTᵀ dO'``,
 
-    with ``dO' = scale · dO``; ``dh0`` is the gradient of the initial state."""
+    with ``dO' = scale · dO``; ``dh0`` is the gradient of the initial state. With a value-side
+    decay ``A_qkᵀ dO'`` and ``A_qbᵀ dO'`` are the column-decayed products ``(A ∘ F)ᵀ dO'``, the
+    state's rows reach ``dP`` through ``exp(GV_C - GV)``, every read of ``S`` carries ``exp(GV)``
+    (``dO'`` and ``dP`` are scaled by it before they meet ``Q_START`` and ``M``) and
+    ``dS ← exp(G_C) ⊙ dS ⊙ exp(GV_C) + ...``."""
     n = tl.program_id(0)
     hv = tl.program_id(1)
     vb = tl.program_id(2)
@@ -151,25 +196,39 @@ def chunk_state_bwd_kernel(
             do.dtype.element_ty
         )
         q_start = _load_rows(Q_START + hv * K, row0, i, valid, HV * K, kk, K)
-        carry = _mm(tl.trans(q_start), do_c, PREC)
+        if VALUE_DECAY:
+            n_c = tl.minimum(length - c * C, C)
+            GV = GV_CUM + hv * V
+            start_v, end_v, chunk_v = column_ends(GV, row0, n_c, vcols, HV * V, V, C)
+            carry = _mm(tl.trans(q_start), do_c.to(tl.float32) * start_v, PREC)
+        else:
+            carry = _mm(tl.trans(q_start), do_c, PREC)
         if LOWRANK != LOWRANK_NONE:
             x_c = _load_rows(X_START + hv * K, row0, i, valid, HV * K, kk, K)
             m_c = _load_rows(M_SOLVE + hv * C, row0, i, valid, HV * C, i, C)
             if LOWRANK == LOWRANK_TIED:
-                A_qk = _load_rows(A_QK + hv * C, row0, i, valid, HV * C, i, C)
-                k_end = _load_rows(K_END + hv * K, row0, i, valid, HV * K, kk, K)
-                dP = _mm(tl.trans(A_qk), do_c, PREC) + _mm(k_end, dS, PREC)
+                A_read = _load_rows(A_QK + hv * C, row0, i, valid, HV * C, i, C)
+                write = _load_rows(K_END + hv * K, row0, i, valid, HV * K, kk, K)
+            else:
+                A_read = _load_rows(A_QB + hv * C, row0, i, valid, HV * C, i, C)
+                write = _load_rows(B_END + hv * K, row0, i, valid, HV * K, kk, K)
+            if VALUE_DECAY:
+                dP, _, _ = column_product_bwd(A_read, do_c, do_c, GV, row0, n_c, vcols, HV * V, V,
+                                              C, MERGES, PREC, False)  # fmt: skip
+                dP = start_v * (dP + end_v * _mm(write, dS, PREC))
+            else:
+                dP = _mm(tl.trans(A_read), do_c, PREC) + _mm(write, dS, PREC)
+            if LOWRANK == LOWRANK_TIED:
                 beta_c = tl.load(beta + (row0 + i) * HV + hv, mask=valid, other=0.0).to(tl.float32)
                 dR = beta_c[:, None] * tl.dot(tl.trans(m_c), dP, input_precision=PREC)
                 carry -= _mm(tl.trans(x_c), dR, PREC)
             else:
-                A_qb = _load_rows(A_QB + hv * C, row0, i, valid, HV * C, i, C)
-                b_end = _load_rows(B_END + hv * K, row0, i, valid, HV * K, kk, K)
-                dP = _mm(tl.trans(A_qb), do_c, PREC) + _mm(b_end, dS, PREC)
                 carry += _mm(tl.trans(x_c), tl.dot(tl.trans(m_c), dP, input_precision=PREC), PREC)
         if DECAY != DECAY_NONE:
             decay = tl.load(DECAY_END + ((chunk0 + c) * HV + hv) * K + kk, mask=kk < K, other=0.0)
             dS = decay[:, None] * dS
+        if VALUE_DECAY:
+            dS = dS * chunk_v[None, :]
         dS += carry
 
     if STORE_DH0:
