@@ -365,7 +365,7 @@ def plot(result: dict, path: Path) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--families", default=",".join(TIMED))
-    ap.add_argument("--shapes", default="0,1,2,3")
+    ap.add_argument("--shapes", default="0,1,2,3", help='the timed shapes ("" for the correctness pass alone)')
     ap.add_argument("--no-fla", action="store_true")
     ap.add_argument("--fla-families", default=None, help="time fla-core for these only (its autotuning is slow)")
     ap.add_argument("--no-pytest", action="store_true")
@@ -406,7 +406,7 @@ def main() -> int:
         )
 
     families = ns.families.split(",")
-    shapes = [int(s) for s in ns.shapes.split(",")]
+    shapes = [int(s) for s in ns.shapes.split(",") if s]
     variants = [v for v in ns.variants.split(",") if v]
     print("correctness against the fp64 reference:", flush=True)
     checked = [*families, "rwkv7"] if "dplr_delta_rule" in families else families
@@ -426,6 +426,14 @@ def main() -> int:
         (out_dir / f"gpu_chunk_pytest_{slug}.txt").write_text(log[-20000:])
         result["pytest"] = log.strip().splitlines()[-1] if log.strip() else "no output"
         print("pytest tests/triton/test_chunk.py:", result["pytest"], f"({time.time() - started:.0f}s)", flush=True)
+
+    failed = [r for r in result["correctness"] if not r["passed"]]
+    if not shapes:
+        path = out_dir / f"gpu_chunk_check_{slug}.json"
+        result["seconds"] = time.time() - started
+        path.write_text(json.dumps(result, indent=1))
+        print(f"correctness: {len(result['correctness']) - len(failed)}/{len(result['correctness'])} passed")
+        return 1 if failed else 0
 
     rates = measure_device("h200" if "H200" in card else "h100")
     result["device_rates"] = dict(matmul_tflops=rates.matmul / 1e12, bandwidth_tbs=rates.bandwidth / 1e12)
@@ -458,7 +466,6 @@ def main() -> int:
             f"{r.get('fla_ms', math.nan):8.3f} {r.get('speedup', math.nan):6.2f} "
             f"{100 * r.get('fraction_of_fused_floor', math.nan):6.1f}%"
         )
-    failed = [r for r in result["correctness"] if not r["passed"]]
     print(f"correctness: {len(result['correctness']) - len(failed)}/{len(result['correctness'])} passed")
     if result.get("pytest"):
         print("pytest:", result["pytest"])
