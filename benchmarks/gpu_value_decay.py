@@ -13,7 +13,7 @@ Writes ``benchmarks/results/gpu_value_decay_<card>.json``; exits 1 if a check fa
 ``--smoke`` runs the same code on CPU under TRITON_INTERPRET=1 (fp32, tiny shapes, wall-clock
 times that mean nothing) and writes its JSON to a temporary directory unless ``--out`` is given.
 
-    python benchmarks/gpu_value_decay.py [--families gla,kda] [--variants bv16,bv64] [--smoke]
+    python benchmarks/gpu_value_decay.py [--families gla,kda] [--variants bv32,bv64] [--smoke]
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ CASES = (
     (torch.float32, [0, 37, 37, 200], "strong"),
 )
 # Launch variants of the state passes with gv, timed beside the default (``--variants``).
-VARIANTS = {"bv16": dict(BV_state=16), "bv64": dict(BV_state=64)}
+VARIANTS = {"bv32": dict(BV_state=32), "bv64": dict(BV_state=64)}
 
 
 def check(name: str, dtype: torch.dtype, cu_seqlens: list[int] | None, gate: str, device: str, smoke: bool) -> dict:

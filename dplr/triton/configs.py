@@ -59,11 +59,12 @@ def chunk_forward(
     value_decay: bool = False,
 ) -> ChunkForward:
     """With ``value_decay`` the state passes hold the column factors of gv beside the state
-    (:mod:`dplr.triton.columns`): half the value block, and no pipelining, whose buffers would
-    have to stage the chunk's fp64 sums once per gather (sm_90, K = V = 128, KDA: 313 KiB of
-    shared memory at 3 stages, over Hopper's 227)."""
+    (:mod:`dplr.triton.columns`): value blocks of 16 and no pipelining, whose buffers would
+    have to stage the chunk's fp64 sums once per gather (sm_90, K = V = 128, KDA, forward:
+    313 KiB of shared memory at 3 stages, over Hopper's 227; 2.4 KiB of stack per thread
+    at BV = 32, 1.0 KiB at 16)."""
     KP, VP = triton.next_power_of_2(K), triton.next_power_of_2(V)
-    BV_state = max(16, min(32 if value_decay else 64, VP, STATE_REGISTER_BUDGET // KP))
+    BV_state = 16 if value_decay else max(16, min(64, VP, STATE_REGISTER_BUDGET // KP))
     return ChunkForward(
         BK=max(16, min(64, KP)),
         BV_state=BV_state,
