@@ -72,13 +72,16 @@ class ChunkLayout:
         if x is None:
             return None
         x = _cast(x, dtype)
+        # The chunks are made contiguous once here: every later product would otherwise copy
+        # its permuted operands (matmul folds [M, heads] into one batch dimension).
         if self.dense is not None:  # step-major chunks of equal rows: one permuted copy
             B, n = self.dense
             chunks = x.reshape(B, n, self.chunk_size, *x.shape[2:]).transpose(0, 1).movedim(2, 3)
-            return chunks.reshape(B * n, *chunks.shape[2:])
+            chunks = chunks.reshape(B * n, *chunks.shape[2:])
+            return chunks if 0 in chunks.stride() else chunks.contiguous()
         flat = x.reshape(self.num_tokens, *x.shape[2:])
         padded = torch.cat([flat, flat.new_zeros(1, *flat.shape[1:])])
-        return padded[self.token_index].movedim(1, 2)
+        return padded[self.token_index].movedim(1, 2).contiguous()
 
     def scatter(self, y: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         """``[M, heads, C, D]`` → ``[B, T, heads, D]``; padding slots are dropped."""

@@ -25,13 +25,16 @@ def chunk_output(
     columns: ColumnDecay | None = None,
 ) -> torch.Tensor:
     out = intra.q_start @ states.initial
-    product = torch.matmul
     if columns is not None:
-        out, product = columns.from_start(out), columns.product
-    if transition.lowrank is LowRank.TIED:
-        out = out + product(intra.A_qk, states.pseudo)
-    else:
-        out = out + product(intra.A_qk, v)
+        out = columns.from_start(out)
+        out = out + columns.product(intra.A_qk, states.pseudo if transition.lowrank is LowRank.TIED else v)
+        if transition.lowrank is LowRank.GENERAL:
+            out = out + columns.product(intra.A_qb, states.pseudo)
+        return out * scale  # the query scale, applied once here rather than to q
+    # The sums and the query scale ride on the products: out = scale · (out + A Z) in one call.
+    Z = states.pseudo if transition.lowrank is LowRank.TIED else v
+    flat = out.flatten(0, 1)
+    flat = torch.baddbmm(flat, intra.A_qk.flatten(0, 1), Z.flatten(0, 1), beta=scale, alpha=scale)
     if transition.lowrank is LowRank.GENERAL:
-        out = out + product(intra.A_qb, states.pseudo)
-    return out * scale  # the query scale, applied once here rather than to q
+        flat = torch.baddbmm(flat, intra.A_qb.flatten(0, 1), states.pseudo.flatten(0, 1), alpha=scale)
+    return flat.view_as(out)

@@ -67,27 +67,32 @@ def state_pass(
         else:
             diagonal.add_(decay_end.squeeze(-1).expand(diagonal.shape))
 
-    state = initial_state[layout.order]
-    _, HV, K, V = state.shape
-    starts, row = [], 0
-    for count in layout.steps:
-        rows = slice(row, row + count)
-        row += count
-        current = state[:count]
+    # The loop works on [chunks * HV, K, V] slices: one product per step and nothing else (it is
+    # bound by per-op overhead on a CPU).
+    N, HV, K, V = initial_state.shape
+    sizes = [count * HV for count in layout.steps]
+    # Per step, [count * HV, ...] views, split off once.
+    T_, H_, decay_, column_ = (
+        None if x is None else x.flatten(0, 1).split(sizes) for x in (T, H, decay_end, column_end)
+    )
+    state = initial_state[layout.order].flatten(0, 1)
+    starts = []
+    for step, n in enumerate(sizes):
+        current = state if n == state.shape[0] else state[:n]
         starts.append(current)
-        if column_end is not None:
-            current = current * column_end[rows]  # T (S Diag(exp(GV_C))) = (T S) Diag(exp(GV_C))
-        if T is not None:
-            nxt = torch.baddbmm(H[rows].flatten(0, 1), T[rows].flatten(0, 1), current.reshape(-1, K, V))
-            nxt = nxt.view(count, HV, K, V)
-        elif decay_end is not None:
-            nxt = torch.addcmul(H[rows], decay_end[rows], current)
+        if column_ is not None:
+            current = current * column_[step]  # T (S Diag(exp(GV_C))) = (T S) Diag(exp(GV_C))
+        if T_ is not None:
+            nxt = torch.baddbmm(H_[step], T_[step], current)
+        elif decay_ is not None:
+            nxt = torch.addcmul(H_[step], decay_[step], current)
         else:
-            nxt = H[rows] + current
-        state = torch.cat([nxt, state[count:]]) if count < state.shape[0] else nxt
+            nxt = H_[step] + current
+        state = nxt if n == state.shape[0] else torch.cat([nxt, state[n:]])
 
+    state = state.view(N, HV, K, V)
     final = torch.empty_like(state).index_copy(0, layout.order, state)
-    initial = torch.cat(starts) if starts else state.new_zeros(0, HV, K, V)
+    initial = torch.cat(starts).view(layout.num_chunks, HV, K, V) if starts else state.new_zeros(0, HV, K, V)
     P = None
     if pseudo is not None and columns is None:
         P = torch.baddbmm(pseudo.U.flatten(0, 1), pseudo.W.flatten(0, 1), initial.flatten(0, 1)).view_as(pseudo.U)
