@@ -179,8 +179,13 @@ def check_log_decay(name: str, g: torch.Tensor) -> None:
     """A log decay: finite and ``<= 0`` (a decay factor ``exp(g)`` in ``(0, 1]``). A broadcast
     (stride-0) gate is checked on its distinct elements only."""
     if values_checkable(g):
-        check_finite(name, g)
         g = broadcast_source(g)
+        if g.numel():
+            # One pass for the common case (NaN propagates into both ends and fails the test).
+            low, high = torch.aminmax(g)
+            if bool(low > float("-inf")) and bool(high <= 0):
+                return
+        check_finite(name, g)
         if g.numel() and bool((g > 0).any()):
             raise ValueError(f"{name} is a log decay and must be <= 0, got a maximum of {float(g.max()):.4g}")
 
