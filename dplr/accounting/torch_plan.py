@@ -7,31 +7,31 @@ changes its work makes that test fail until this function is updated with it.
 
 How the PyTorch path differs from the ideal plan of :mod:`dplr.accounting.model`:
 
-* ``intra``, channel decay: each matrix is one full ``[C, K] x [K, C]`` product whose diagonal
-  sub-blocks (``SUB`` tokens) are kept, plus the pairwise merges of sub-blocks level by level,
-  each level ``C · size · K``: in all ``C K (3C - L)`` against the ideal ``2 C² K``.
-* ``solve``: ``torch.linalg.solve_triangular`` on ``[K + V]`` right-hand sides
-  (``C (C - 1) (K + V)`` FLOPs) instead of forming the inverse; FlopCounterMode does not count
-  it (it is not in ``torch.utils.flop_counter.flop_registry``), so it is reported apart as
-  ``uncounted``. Its backward is a second triangular solve (uncounted) and one product
-  ``[C, K + V] x [K + V, C]`` for the gradient of the system matrix (counted).
-* exponentials: each call that needs a factor takes its own ``exp`` (the end factor once per
-  end vector; a scalar-decay factor tile once per kind of row); the ideal shares them.
+* ``intra``: each matrix is one dense ``[C, K] x [K, C]`` tile, as in the ideal, for every
+  chunk that decays by at most ``CHUNK_LIMIT`` (the whole-chunk factorisation). Chunks that
+  decay faster take the sub-block path (channel) or a ``C x C`` factor tile (scalar); that work
+  depends on the data and is not counted here (nor are the exps of the exact redo of sub-blocks).
+* ``solve``: forward substitution by diagonal blocks of ``BLOCK = 16`` tokens on ``[K + V]``
+  right-hand sides: the ``n = C / 16`` diagonal blocks are inverted by
+  ``torch.linalg.solve_triangular`` (``n · 16² · 15`` FLOPs), which FlopCounterMode does not
+  count (it is not in ``torch.utils.flop_counter.flop_registry``), so it is reported apart as
+  ``uncounted``; the rest is products (``n (n + 1) 16² (K + V)``, counted). The backward of each
+  block inverse is a second triangular solve (uncounted) and one ``16 x 16 x 16`` product.
+* exponentials: channel decay takes two per token and channel (``exp(G_i - s_p)``,
+  ``exp(e_p - G_j)`` from sub-block sums) and a few per sub-block; start factors are shared by
+  the rows of one kind.
 * ``state``: each chunk as an affine map ``S_next = T S + H`` (``T = Diag + Bᵀ W``, ``K x K``),
   so the loop is one ``K x K`` by ``K x V`` product per chunk; ``T`` costs ``2 K² C`` more than
   applying ``W`` and ``Bᵀ`` to the state directly (equal at ``K = C``).
 * the backward (autograd) recomputes nothing and takes no ``exp`` (it reuses ``exp``'s output).
-
-Exponentials exclude the exact redo of sub-blocks whose halves decay by more than
-``HALF_LIMIT`` (gates below about -5 per step), which depends on the data.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from ..torch_chunk.intra import SUB
+from ..torch_chunk.solve import BLOCK
 from ..transition import Decay, LowRank, Transition
 
 
@@ -50,35 +50,37 @@ def torch_plan(transition: Transition, *, chunks: int, heads: int, C: int, K: in
     """Per stage (``cumsum, intra, solve, state, output``), for ``chunks`` chunks (padding
     included) of ``C`` tokens and ``heads`` value heads, keys of width ``K``, values ``V``."""
     decay, lowrank = transition.decay, transition.lowrank
-    general, tied = lowrank is LowRank.GENERAL, lowrank is LowRank.TIED
+    general = lowrank is LowRank.GENERAL
     n = chunks * heads
-    L = min(SUB, C)
-    nb = C // L
+    nb = C // min(SUB, C)
     matrices = {LowRank.NONE: 1, LowRank.TIED: 2, LowRank.GENERAL: 4}[lowrank]
-    from_start_calls, to_end_calls = 2 if lowrank is not LowRank.NONE else 1, 2 if general else 1
 
-    product = C * K * (3 * C - L) if decay is Decay.CHANNEL else 2 * C * C * K
-    intra = matrices * product
+    intra = matrices * 2 * C * C * K  # one dense tile per matrix (every chunk on the fast path)
     if decay is Decay.CHANNEL:
-        # per token: the row factor, the clamped column factor and the column factor to the
-        # block's end; per sub-block: row_to_mid, exp(s_p) per start vector, the factor to the
-        # chunk's end per end vector, and two per merge level and matrix (half a block each side).
-        levels = int(math.log2(nb))
-        intra_exps = 3 * C * K + nb * K + from_start_calls * nb * K + to_end_calls * nb * K
-        intra_exps += matrices * levels * nb * K
+        # per token and channel exp(G_i - s_p) and exp(e_p - G_j); per sub-block exp(s_p) and
+        # exp(G_C - e_p); per chunk exp(-G_C) for the factorised columns.
+        intra_exps = 2 * C * K + 2 * nb * K + K
     elif decay is Decay.SCALAR:
-        # one C x C factor per row kind: q and k rows share it, the general a rows take a second
-        intra_exps = (2 if general else 1) * C * C + (from_start_calls + to_end_calls) * C
+        # start factors per row kind (q and k rows share one; general a rows read G_{i-1}), the
+        # end factor, and exp(-G_C).
+        intra_exps = (2 if general else 1) * C + C + 1
     else:
         intra_exps = 0
     state_exps = {Decay.NONE: 0, Decay.SCALAR: 1, Decay.CHANNEL: K}[decay]
 
-    solve = 2 * C * C * V if general else 0  # A_ak @ v
-    triangular = C * (C - 1) * (K + V) if lowrank is not LowRank.NONE else 0
-    system_grad = 2 * C * C * (K + V) if lowrank is not LowRank.NONE else 0
+    R = K + V  # right-hand sides of the solve
+    b = BLOCK if C % BLOCK == 0 else C
+    blocks = C // b
+    solve = (2 * C * C * V if general else 0) + blocks * (blocks + 1) * b * b * R
+    triangular, block_grad = 0, 0
+    if lowrank is LowRank.NONE:
+        solve = 0
+    else:
+        triangular = blocks * b * b * (b - 1)  # the diagonal blocks' inverses (uncounted)
+        block_grad = blocks * 2 * b * b * b  # the backward's product for each block inverse
     # k_endᵀ v (none, general); with a rank-one part the affine map T = Diag + Bᵀ W, H += Bᵀ U,
     # one K x K by K x V product per chunk in the loop, and P = U + W S afterwards.
-    state = 0 if tied else 2 * C * K * V
+    state = 0 if lowrank is LowRank.TIED else 2 * C * K * V
     if lowrank is not LowRank.NONE:
         state += 2 * K * C * K + 2 * K * C * V + 2 * K * K * V + 2 * C * K * V
     output = 2 * C * K * V + 2 * C * C * V + (2 * C * C * V if general else 0)
@@ -89,7 +91,7 @@ def torch_plan(transition: Transition, *, chunks: int, heads: int, C: int, K: in
     return dict(
         cumsum=stage(0),
         intra=stage(intra, exps=intra_exps),
-        solve=stage(solve, bwd_extra=system_grad, uncounted=triangular),
+        solve=stage(solve, bwd_extra=block_grad, uncounted=triangular),
         state=stage(state, exps=state_exps),
         output=stage(output),
     )

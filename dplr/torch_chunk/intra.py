@@ -3,13 +3,17 @@
 ``A_xy[i, j] = Σ_d x_{i,d} y_{j,d} exp(G^x_{i,d} - G_{j,d})`` over ``j < i`` (the rows of the
 rank-one part, which read ``G^x = G_{i-1}``) or ``j <= i`` (query rows, ``G^x = G_i``).
 
-With a decay per channel the pairwise factor cannot be split as ``exp(G_i) · exp(-G_j)`` over a
-whole chunk: ``exp(-G_j)`` overflows once the chunk has decayed by more than ~88 (fp32). So the
-chunk is cut into sub-blocks of ``SUB`` tokens, and every factor is taken against a reference
-point that keeps it in range (see :class:`_Blocks`): between blocks all exponents are ``<= 0``
-(anything that underflows is truly negligible); inside a block the factors are at most
-``exp(HALF_LIMIT)``. The rare blocks that decay faster (a gate of -60 per step) take an exact
-element-wise product.
+The pairwise factor splits as ``exp(G_i - r) · exp(r - G_j)`` for any reference point ``r``,
+so ``A`` is one matrix product of decayed rows and columns, as long as neither factor leaves
+the floating-point range. A chunk that decays by at most ``CHUNK_LIMIT`` (per channel) is
+factorised whole, against its middle (:class:`Pairwise`). The others are not:
+``exp(-G_j)`` overflows once a chunk has decayed by more than ~88 (fp32). With a decay per
+channel such a chunk is cut into sub-blocks of ``SUB`` tokens, and every factor is taken
+against a reference point that keeps it in range (see :class:`_Blocks`): between blocks all
+exponents are ``<= 0`` (anything that underflows is truly negligible); inside a block the
+factors are at most ``exp(HALF_LIMIT)``. The rare blocks that decay faster (a gate of -60 per
+step) take an exact element-wise product. With a scalar decay such a chunk takes the
+``C x C`` factor tile ``exp(G_i - G_j)`` from fp64 sums.
 
 A value-side decay ``gv`` (:class:`ColumnDecay`) scales the state's columns. Its pair factors
 ``exp(GV_{i,c} - GV_{j,c})`` sit on the value channel ``c`` of a product ``A Z`` over tokens,
@@ -31,6 +35,11 @@ SUB = 16
 # exp(48) for the products and their gradients. A gate of -5 per step (Kimi Linear's bound)
 # decays a half-block of 8 tokens by exactly 40, so such gates always take the fast path.
 HALF_LIMIT = 40.0
+# A chunk whose every channel decays by at most CHUNK_LIMIT is factorised whole: its factors lie in
+# [exp(-60), exp(60)] ≈ [1e-26, 1e26], normal fp32 numbers, and a masked pair of its product is at
+# most 1e26 Σ|x||y| (finite for any realistic input). Typical trained gates (about -0.1 to -0.5 per
+# step) decay a 64-token chunk by 5 to 30.
+CHUNK_LIMIT = 60.0
 
 
 class Intra(NamedTuple):
@@ -60,19 +69,15 @@ def intra_chunk(
     """Chunked ``q, k, a, b [M, HV, C, K]`` and the chunk's cumulative decays → :class:`Intra`."""
     pairs = Pairwise(decays, transition.decay, q.dtype)
     q_rows, k_cols = pairs.rows(q), pairs.cols(k)
-    fields = dict(
-        q_start=pairs.from_start(q_rows),
-        k_end=pairs.to_end(k),
-        A_qk=pairs.product(q_rows, k_cols, strict=False),
-    )
+    fields = dict(q_start=q_rows.start, k_end=k_cols.end, A_qk=pairs.product(q_rows, k_cols, strict=False))
     if transition.lowrank is LowRank.TIED:
         k_rows = pairs.rows(k)
-        fields.update(k_start=pairs.from_start(k_rows), A_kk=pairs.product(k_rows, k_cols, strict=True))
+        fields.update(k_start=k_rows.start, A_kk=pairs.product(k_rows, k_cols, strict=True))
     elif transition.lowrank is LowRank.GENERAL:
         a_rows, b_cols = pairs.rows(a, prev=True), pairs.cols(b)
         fields.update(
-            a_start=pairs.from_start(a_rows),
-            b_end=pairs.to_end(b),
+            a_start=a_rows.start,
+            b_end=b_cols.end,
             A_ab=pairs.product(a_rows, b_cols, strict=True),
             A_ak=pairs.product(a_rows, k_cols, strict=True),
             A_qb=pairs.product(q_rows, b_cols, strict=False),
@@ -84,84 +89,208 @@ def _causal_mask(n: int, strict: bool, device) -> torch.Tensor:
     return torch.ones(n, n, dtype=torch.bool, device=device).tril(-1 if strict else 0)
 
 
+class _Rows(NamedTuple):
+    x: torch.Tensor  # raw rows [.., C, K]
+    prev: bool  # rows read G_{i-1}
+    start: torch.Tensor  # x ⊙ exp(G^x_i): the rows as they read the chunk's initial state
+    slow: object = None  # the slow chunks' rows, in their own path's form
+
+
+class _Cols(NamedTuple):
+    y: torch.Tensor  # raw columns [.., C, K]
+    end: torch.Tensor  # y ⊙ exp(G_C - G_j): as the chunk's final state sees them, <= |y|
+    hat: torch.Tensor | None = None  # y ⊙ exp(-G_j): the fast chunks' factorised columns
+    slow: object = None
+
+
 class Pairwise:
     """Forms ``A_xy`` and the decayed vectors for one decay structure.
 
     ``rows(x)`` and ``cols(y)`` prepare a tensor once for every matrix that uses it (``A_qk``
     and ``A_kk`` share the key columns); ``rows(a, prev=True)`` reads ``G_{i-1}``.
+
+    With a decay, a chunk is *fast* when it decays by at most ``CHUNK_LIMIT`` (in every channel):
+    then ``exp(G_i - G_j) = exp(G_i) · exp(-G_j)``, and ``A`` is one product ``[C, K] x [K, C]``
+    of the start vectors (``x ⊙ exp(G_i)``, needed anyway) against the columns scaled by
+    ``exp(-G_j) = exp(G_C - G_j) · exp(-G_C) <= exp(CHUNK_LIMIT)``. All factors are normal fp32
+    numbers (``>= exp(-CHUNK_LIMIT)``); the columns carry the large one, so KDA's ``q`` and ``k``
+    rows share one scaled column set. The masked pairs ``j > i`` of the product reach
+    ``exp(CHUNK_LIMIT) Σ|x||y|`` at most, far from overflow, so a multiplied mask removes them.
+    The other chunks (a decay of more than ``CHUNK_LIMIT``, e.g. gates of -1 per step over 64
+    tokens) take the safe path on their own: sub-blocks with local reference points (channel) or
+    the ``C x C`` factor tile from fp64 sums (scalar). The split is decided on the host per chunk
+    and head (one sync; the PyTorch path runs on the CPU).
     """
 
     def __init__(self, decays: Decays, decay: Decay, dtype: torch.dtype):
         self.decay, self.dtype = decay, dtype
-        self.G, self.G_to_end = decays.G, decays.to_end
-        self._scalar_factors: dict[bool, torch.Tensor] = {}  # one C x C factor per row kind
+        self.factors = None
         if decay is Decay.CHANNEL:
-            self.blocks = _Blocks(decays, dtype)
+            self.factors = _ChannelFactors(decays, dtype)
+        elif decay is Decay.SCALAR:
+            self.factors = _ScalarFactors(decays, dtype)
+        self._masks: dict[int, torch.Tensor] = {}
 
-    def rows(self, x: torch.Tensor, *, prev: bool = False):
-        if self.decay is Decay.CHANNEL:
-            return self.blocks.rows(x, prev)
-        if self.decay is Decay.NONE:
-            return _Rows(x, prev, None)
-        G_rows = torch.cat([torch.zeros_like(self.G[..., :1]), self.G[..., :-1]], dim=-1) if prev else self.G
-        return _Rows(x, prev, G_rows)
+    def rows(self, x: torch.Tensor, *, prev: bool = False) -> _Rows:
+        f = self.factors
+        if f is None:
+            return _Rows(x, prev, x)
+        return _Rows(x, prev, x * f.start_factor(prev), None if f.slow is None else f.slow.rows(f.take(x), prev))
 
-    def cols(self, y: torch.Tensor):
-        return self.blocks.cols(y) if self.decay is Decay.CHANNEL else y
+    def cols(self, y: torch.Tensor) -> _Cols:
+        f = self.factors
+        if f is None:
+            return _Cols(y, y)
+        end = y * f.end_factor
+        hat = end * f.from_end if f.any_fast else None
+        return _Cols(y, end, hat, None if f.slow is None else f.slow.cols(f.take(y)))
 
-    def from_start(self, rows) -> torch.Tensor:
+    def from_start(self, rows: _Rows) -> torch.Tensor:
         """``x ⊙ exp(G_i)`` (``G_{i-1}`` for ``prev`` rows)."""
-        if self.decay is Decay.CHANNEL:
-            return self.blocks.from_start(rows)
-        return rows.x if rows.hat is None else rows.x * decay_factor(rows.hat, self.dtype)[..., None]
+        return rows.start
 
-    def to_end(self, y: torch.Tensor) -> torch.Tensor:
+    def to_end(self, cols: _Cols) -> torch.Tensor:
         """``y ⊙ exp(G_C - G_j)``."""
-        if self.decay is Decay.NONE:
-            return y
-        if self.decay is Decay.CHANNEL:
-            return self.blocks.to_end(y)
-        factor = decay_factor(self.G_to_end, self.dtype)
-        return y * (factor[..., None] if self.decay is Decay.SCALAR else factor)
+        return cols.end
 
-    def product(self, rows, cols, *, strict: bool) -> torch.Tensor:
+    def _mask(self, offset: int, like: torch.Tensor) -> torch.Tensor:
+        if offset not in self._masks:
+            C = like.shape[-1]
+            self._masks[offset] = torch.ones(C, C, dtype=like.dtype, device=like.device).tril(offset)
+        return self._masks[offset]
+
+    def product(self, rows: _Rows, cols: _Cols, *, strict: bool) -> torch.Tensor:
         """``A_xy``, over ``j < i`` (strict) or ``j <= i``; ``prev`` rows are always strict."""
-        if self.decay is Decay.NONE:
-            return (rows.x @ cols.transpose(-1, -2)) * _causal_mask(rows.x.shape[-2], strict, rows.x.device)
-        if self.decay is Decay.CHANNEL:
-            A = self.blocks.product(rows, cols)
-            x, y = rows.x.flatten(-3, -2), cols.y.flatten(-3, -2)
-        else:
-            x, y = rows.x, cols
-            A = (x @ y.transpose(-1, -2)) * self._scalar_factor(rows)
-        # The pairs whose decay is exp(0) exactly (j = i; j = i - 1 for prev rows) are taken apart
-        # and added without the gate: as a product of factors they would pass O(1) gradients into
-        # the gate that cancel only up to rounding, swamping its true gradient under strong decay.
-        # (A is a fresh product, so its diagonals can take the terms in place.)
+        x, y, f = rows.x, cols.y, self.factors
+        if f is None:
+            A = x @ y.transpose(-1, -2)
+            return A.mul_(self._mask(-1 if strict else 0, A))  # a fresh product: masked in place
+        # The pairs whose decay is exp(0) exactly (j = i; j = i - 1 for prev rows) are left out
+        # of the factorised product and added without the gate: as a product of factors they
+        # would pass O(1) gradients into the gate that cancel only up to rounding, swamping its
+        # true gradient under strong decay. (A is a fresh tensor, so its diagonals take them in place.)
+        offset = -2 if rows.prev else -1
+        A = None
+        if f.any_fast:
+            A = rows.start @ cols.hat.transpose(-1, -2)
+            A.mul_(self._mask(offset, A))
+        if f.slow is not None:
+            slow = f.slow.product(rows.slow, cols.slow)
+            A = f.merge(A, slow.mul_(self._mask(offset, slow)))
         if rows.prev:
-            C = A.shape[-1]
-            A = A * torch.ones(C, C, dtype=A.dtype, device=A.device).tril(-2)
             A.diagonal(-1, -2, -1).add_((x[..., 1:, :] * y[..., :-1, :]).sum(-1))
         elif not strict:
             A.diagonal(0, -2, -1).add_((x * y).sum(-1))
         return A
 
-    def _scalar_factor(self, rows) -> torch.Tensor:
-        """``exp(G^x_i - G_j)`` for ``j < i``, shared by the matrices whose rows read the same decay."""
-        if rows.prev not in self._scalar_factors:
-            mask = _causal_mask(rows.x.shape[-2], True, rows.x.device)
-            exponent = (rows.hat[..., :, None] - self.G[..., None, :]).masked_fill(~mask, float("-inf"))
-            self._scalar_factors[rows.prev] = decay_factor(exponent, self.dtype)
-        return self._scalar_factors[rows.prev]
+
+class _Split:
+    """Which chunks (and heads) are fast, decided once on the host; the slow ones are gathered
+    from the flattened leading dimensions and their results put back."""
+
+    def _split(self, G_end: torch.Tensor) -> None:
+        """``G_end [..]`` (scalar) or ``[.., K]`` (channel): the chunks' whole decays."""
+        fast = (G_end if G_end.dim() == self.lead_dims else G_end.amin(-1)) >= -CHUNK_LIMIT
+        slow = ~fast.flatten()
+        count = int(slow.sum())
+        self.any_fast = count < slow.numel()
+        self.index = slow.nonzero().squeeze(1) if self.any_fast and count else None  # None: all or none slow
+
+    def take(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.index is None else x.flatten(0, self.lead_dims - 1)[self.index]
+
+    def merge(self, fast: torch.Tensor | None, slow: torch.Tensor) -> torch.Tensor:
+        if fast is None:
+            return slow
+        return fast.flatten(0, self.lead_dims - 1).index_copy(0, self.index, slow).view_as(fast)
 
 
-class _Rows(NamedTuple):
-    x: torch.Tensor  # raw rows ([.., nb, L, K] by sub-block for channel decay)
+class _ChannelFactors(_Split):
+    """Per-channel factors of a chunk from its sub-block sums (stage 1): two ``exp`` per token
+    and channel (``exp(G_i - s_p)``, ``exp(e_p - G_j)``, both ``<= 1``), the rest one per
+    sub-block or chunk. ``s_p`` / ``e_p``: the decay just before / at the end of sub-block ``p``."""
+
+    def __init__(self, decays: Decays, dtype: torch.dtype):
+        *lead, nb, L, K = decays.local.shape
+        self.lead_dims, self.shape = len(lead), (*lead, nb * L, K)
+        self.E = torch.exp(decays.local)  # exp(G_i - s_p)
+        self.exp_starts = torch.exp(prefix_sums(decays.totals, -2))[..., None, :]  # exp(s_p)
+        to_chunk_end = torch.exp(suffix_sums(decays.totals, -2))[..., None, :]  # exp(G_C - e_p)
+        self.end_factor = (torch.exp(decays.rest) * to_chunk_end).reshape(self.shape)
+        self._split(decays.G_end)
+        if self.any_fast:
+            # exp(-G_C): the clamp only bites in slow chunks, whose products are replaced.
+            self.from_end = torch.exp((-decays.G_end).clamp(max=CHUNK_LIMIT))[..., None, :]
+        self.slow = None
+        if not self.any_fast or self.index is not None:
+            subset = decays if self.index is None else Decays(*(None if t is None else self.take(t) for t in decays))
+            self.slow = _Blocks(subset, dtype)
+        self._starts: dict[bool, torch.Tensor] = {}
+
+    def start_factor(self, prev: bool) -> torch.Tensor:
+        """``exp(G_i)`` (``exp(G_{i-1})``), shared by the rows of the same kind."""
+        if prev not in self._starts:
+            E = self.E
+            if prev:  # exp(G_{i-1} - s_p) is E shifted by one inside the block (exactly 1 at its first token)
+                E = torch.cat([torch.ones_like(E[..., :1, :]), E[..., :-1, :]], dim=-2)
+            self._starts[prev] = (E * self.exp_starts).reshape(self.shape)
+        return self._starts[prev]
+
+
+class _ScalarFactors(_Split):
+    """One log decay per head: chunk sums in fp64 (stage 1), each exponent rounded once to the
+    compute dtype just before its ``exp``."""
+
+    def __init__(self, decays: Decays, dtype: torch.dtype):
+        self.G, self.dtype, self.lead_dims = decays.G, dtype, decays.G.dim() - 1
+        self.end_factor = decay_factor(decays.to_end, dtype)[..., None]
+        self._split(decays.G_end)
+        if self.any_fast:  # the clamp: as for channel decay
+            self.from_end = decay_factor((-decays.G_end).clamp(max=CHUNK_LIMIT), dtype)[..., None, None]
+        self.slow = None
+        if not self.any_fast or self.index is not None:
+            self.slow = _ScalarTile(self.take(self.G), dtype)
+        self._starts: dict[bool, torch.Tensor] = {}
+
+    def start_factor(self, prev: bool) -> torch.Tensor:
+        """``exp(G_i)`` (``exp(G_{i-1})``), shared by the rows of the same kind."""
+        if prev not in self._starts:
+            G = torch.cat([torch.zeros_like(self.G[..., :1]), self.G[..., :-1]], dim=-1) if prev else self.G
+            self._starts[prev] = decay_factor(G, self.dtype)[..., None]
+        return self._starts[prev]
+
+
+class _ScalarTile:
+    """The slow path of scalar decay: the ``C x C`` factor ``exp(G^x_i - G_j)`` (fp64 exponent),
+    shared by the matrices whose rows read the same decay."""
+
+    def __init__(self, G: torch.Tensor, dtype: torch.dtype):
+        self.G, self.dtype = G, dtype
+        self._tiles: dict[bool, torch.Tensor] = {}
+
+    def rows(self, x: torch.Tensor, prev: bool) -> tuple[torch.Tensor, bool]:
+        return x, prev
+
+    def cols(self, y: torch.Tensor) -> torch.Tensor:
+        return y
+
+    def product(self, rows: tuple[torch.Tensor, bool], y: torch.Tensor) -> torch.Tensor:
+        x, prev = rows
+        if prev not in self._tiles:
+            G_rows = torch.cat([torch.zeros_like(self.G[..., :1]), self.G[..., :-1]], dim=-1) if prev else self.G
+            mask = _causal_mask(x.shape[-2], True, x.device)
+            exponent = (G_rows[..., :, None] - self.G[..., None, :]).masked_fill(~mask, float("-inf"))
+            self._tiles[prev] = decay_factor(exponent, self.dtype)
+        return (x @ y.transpose(-1, -2)) * self._tiles[prev]
+
+
+class _BlockRows(NamedTuple):
+    x: torch.Tensor  # raw rows by sub-block [.., nb, L, K]
     prev: bool  # rows read G_{i-1}
-    hat: torch.Tensor | None  # channel: x ⊙ exp(G_i - s_p) <= |x|; scalar: the rows' log decay
+    hat: torch.Tensor  # x ⊙ exp(G_i - s_p) <= |x|
 
 
-class _Cols(NamedTuple):
+class _BlockCols(NamedTuple):
     y: torch.Tensor  # [.., nb, L, K] raw columns by sub-block
     up: torch.Tensor  # y ⊙ exp(m_p - G_j): scaled to the block middle (clamped)
     down: torch.Tensor  # y ⊙ exp(e_p - G_j): decayed to the block end, <= |y|
@@ -205,23 +334,17 @@ class _Blocks:
     def _join(self, t: torch.Tensor) -> torch.Tensor:
         return t.reshape(*self.lead, self.nb * self.L, t.shape[-1])
 
-    def rows(self, x: torch.Tensor, prev: bool) -> _Rows:
+    def rows(self, x: torch.Tensor, prev: bool) -> _BlockRows:
         x = self._split(x)
         # exp(G_{i-1} - s_p) is E shifted by one inside the block (exactly 1 at its first token).
         E = torch.cat([torch.ones_like(self.E[..., :1, :]), self.E[..., :-1, :]], dim=-2) if prev else self.E
-        return _Rows(x, prev, x * E)
+        return _BlockRows(x, prev, x * E)
 
-    def cols(self, y: torch.Tensor) -> _Cols:
+    def cols(self, y: torch.Tensor) -> _BlockCols:
         y = self._split(y)
-        return _Cols(y, y * self.col_up, y * self.down)
+        return _BlockCols(y, y * self.col_up, y * self.down)
 
-    def from_start(self, rows: _Rows) -> torch.Tensor:
-        return self._join(rows.hat * torch.exp(self.starts)[..., None, :])
-
-    def to_end(self, y: torch.Tensor) -> torch.Tensor:
-        return self._join(self._split(y) * self.down * torch.exp(self.to_chunk_end)[..., None, :])
-
-    def product(self, rows: _Rows, cols: _Cols) -> torch.Tensor:
+    def product(self, rows: _BlockRows, cols: _BlockCols) -> torch.Tensor:
         """The strictly lower part (``j < i``) of ``A``."""
         C = self.nb * self.L
         # One full product; only its diagonal blocks are right (there both sides share m_p).
@@ -254,7 +377,7 @@ class _Blocks:
         blocks = torch.block_diag(*[_causal_mask(self.L, True, device)] * self.nb)
         return blocks.to(self.E.dtype)
 
-    def _repair(self, A, rows: _Rows, cols: _Cols) -> torch.Tensor:
+    def _repair(self, A, rows: _BlockRows, cols: _BlockCols) -> torch.Tensor:
         """Blocks whose halves decay by more than HALF_LIMIT: the exact element-wise product, in place."""
         w = self.unsafe
         # These blocks decay by hundreds: the pairwise sums G_i - G_j of neighbours (≈ g_i) must

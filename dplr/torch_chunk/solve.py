@@ -16,8 +16,7 @@ chunk's ``C x C`` operator ``N`` (``(I + diag(beta) A_kk)⁻¹ diag(beta)`` tied
 ``N`` and ``v``; ``W`` does not change (its ``exp(GV)`` is applied with the state, see the state
 pass). Derivation: docs/value-decay.md.
 
-The solve runs in the compute dtype (fp32 or fp64) with a unit-diagonal triangular solver;
-no explicit inverse is formed.
+The solve runs in the compute dtype (fp32 or fp64) by blocks (:func:`unit_lower_solve`).
 """
 
 from __future__ import annotations
@@ -28,6 +27,8 @@ import torch
 
 from ..transition import LowRank, Transition
 from .intra import ColumnDecay, Intra
+
+BLOCK = 16  # tokens per diagonal block of the triangular solve
 
 
 class Pseudo(NamedTuple):
@@ -47,16 +48,43 @@ def pseudo_values(
     ``None`` when there is no rank-one part."""
     if transition.lowrank is LowRank.NONE:
         return None
-    eye = torch.eye(intra.A_qk.shape[-1], dtype=intra.A_qk.dtype, device=intra.A_qk.device)
+    C = intra.A_qk.shape[-1]
     if transition.lowrank is LowRank.TIED:
         system = intra.A_kk * beta[..., :, None]
-        rhs = beta[..., None] * torch.cat([intra.k_start, v if columns is None else eye.expand_as(system)], dim=-1)
-        sign = -1.0
+        right = v if columns is None else torch.eye(C, dtype=v.dtype, device=v.device).expand_as(system)
+        # W solves for -beta k_start: the sign goes into the right-hand side, not a pass over W.
+        rhs = torch.cat([intra.k_start * -beta[..., None], right * beta[..., None]], dim=-1)
     else:
         system = -intra.A_ab
         rhs = torch.cat([intra.a_start, intra.A_ak @ v if columns is None else intra.A_ak], dim=-1)
-        sign = 1.0
-    solved = torch.linalg.solve_triangular(eye + system, rhs, upper=False, unitriangular=True)
+    solved = unit_lower_solve(system, rhs)
     K = intra.k_end.shape[-1]
     U = solved[..., K:] if columns is None else columns.product(solved[..., K:], v)
-    return Pseudo(W=sign * solved[..., :K], U=U)
+    return Pseudo(W=solved[..., :K], U=U)
+
+
+def unit_lower_solve(N: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """``(I + N)⁻¹ rhs`` for strictly lower-triangular ``N [.., C, C]`` and ``rhs [.., C, R]``.
+
+    Forward substitution by blocks of ``BLOCK`` tokens: the diagonal blocks are inverted by the
+    triangular solver (exact substitution, no growth from a series), everything else is batched
+    products. A CPU's LAPACK solves many small ``C x C`` systems one at a time, each at a few
+    GFLOP/s; this way most of the work runs as matrix products."""
+    C, R = N.shape[-1], rhs.shape[-1]
+    b = BLOCK if C % BLOCK == 0 else C
+    n = C // b
+    lead = rhs.shape[:-2]
+    N, rhs = N.reshape(-1, C, C), rhs.reshape(-1, C, R)
+    diagonal = N.view(-1, n, b, n, b).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)  # [.., n, b, b]
+    eye = torch.eye(b, dtype=N.dtype, device=N.device).expand_as(diagonal)
+    # unitriangular: the solver reads the strictly lower part only (the identity is implied).
+    inverse = torch.linalg.solve_triangular(diagonal, eye, upper=False, unitriangular=True)
+    solved = []  # the solution's blocks (one concatenation at the end, not one per block)
+    for p in range(n):
+        rows = slice(p * b, (p + 1) * b)
+        block = rhs[:, rows]
+        for q, x in enumerate(solved):
+            block = torch.baddbmm(block, N[:, rows, q * b : (q + 1) * b], x, alpha=-1)
+        solved.append(inverse[:, p] @ block)
+    solved = torch.cat(solved, dim=1)
+    return solved.view(*lead, C, R)

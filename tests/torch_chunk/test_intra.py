@@ -23,12 +23,17 @@ def brute(x, y, gx, gy, offset):
 
 
 @pytest.mark.parametrize("decay", [Decay.SCALAR, Decay.CHANNEL])
-@pytest.mark.parametrize("gate", [0.3, 4.0, 60.0])  # mean decay per step: mild, Kimi-bound-like, extreme
+# Twice the mean decay per step: mild, Kimi-bound-like, extreme, and a mix of them by chunk and head
+# (whole-chunk factorisation and the safe path side by side).
+@pytest.mark.parametrize("gate", [0.3, 4.0, 60.0, "mixed"])
 @pytest.mark.parametrize("C", [16, 64])
 def test_products_match_definition(decay, gate, C):
     gen = torch.Generator().manual_seed(0)
     shape = (2, 3, C, 8)
     x, y = (torch.randn(*shape, generator=gen, dtype=torch.float64) for _ in range(2))
+    if gate == "mixed":
+        gate = torch.tensor([[0.3, 4.0, 60.0], [60.0, 0.3, 0.3]], dtype=torch.float64)[:, :, None]
+        gate = gate[..., None] if decay is Decay.CHANNEL else gate
     g = -gate * torch.rand(*(shape if decay is Decay.CHANNEL else shape[:-1]), generator=gen, dtype=torch.float64)
     decays = chunk_decays(g, sub=min(16, C))
     G = torch.cumsum(g, dim=2)
@@ -41,7 +46,7 @@ def test_products_match_definition(decay, gate, C):
     factor = torch.exp(G) if decay is Decay.CHANNEL else torch.exp(G)[..., None]
     torch.testing.assert_close(pairs.from_start(rows), x * factor)
     to_end = torch.exp(G[:, :, -1:] - G)
-    torch.testing.assert_close(pairs.to_end(y), y * (to_end if decay is Decay.CHANNEL else to_end[..., None]))
+    torch.testing.assert_close(pairs.to_end(cols), y * (to_end if decay is Decay.CHANNEL else to_end[..., None]))
 
 
 def test_fp32_products_are_finite_under_extreme_gates():
