@@ -230,10 +230,11 @@ class _ChannelFactors(_Split):
     def start_factor(self, prev: bool) -> torch.Tensor:
         """``exp(G_i)`` (``exp(G_{i-1})``), shared by the rows of the same kind."""
         if prev not in self._starts:
-            E = self.E
-            if prev:  # exp(G_{i-1} - s_p) is E shifted by one inside the block (exactly 1 at its first token)
-                E = torch.cat([torch.ones_like(E[..., :1, :]), E[..., :-1, :]], dim=-2)
-            self._starts[prev] = (E * self.exp_starts).reshape(self.shape)
+            if prev:  # exp(G_{i-1}) is exp(G_i) shifted by one token (exactly 1 at the first)
+                G = self.start_factor(False)
+                self._starts[prev] = torch.cat([torch.ones_like(G[..., :1, :]), G[..., :-1, :]], dim=-2)
+            else:
+                self._starts[prev] = (self.E * self.exp_starts).reshape(self.shape)
         return self._starts[prev]
 
 
