@@ -123,7 +123,6 @@ class Pairwise:
     """
 
     def __init__(self, decays: Decays, decay: Decay, dtype: torch.dtype):
-        self.decay, self.dtype = decay, dtype
         self.factors = None
         if decay is Decay.CHANNEL:
             self.factors = _ChannelFactors(decays, dtype)
