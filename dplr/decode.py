@@ -68,15 +68,20 @@ def _run(name: str, args: dict) -> DecodeOutput:
     with torch.no_grad():
         o, states = decode_op(
             p.q, p.k, p.v, p.g, p.beta, p.a, p.b, p.gv, pool, indices, p.scale,
-            p.transition.decay.value, p.transition.lowrank.value, state_v_first, intermediate, _backend(p.q),
+            p.transition.decay.value, p.transition.lowrank.value, state_v_first, intermediate,
+            _backend(p.q, value_decay=p.transition.value_decay),
         )  # fmt: skip
     return DecodeOutput(o, states if intermediate else None)
 
 
-def _backend(x: torch.Tensor) -> str:
+def _backend(x: torch.Tensor, *, value_decay: bool) -> str:
     backend = settings.backend()
     triton_found = importlib.util.find_spec("triton") is not None
     if backend == "auto":
+        if value_decay and triton_found and x.is_cuda:  # gv runs on the kernel once it passed a GPU check
+            from .triton import recurrent
+
+            return "triton" if recurrent.VALUE_DECAY_CHECKED_ON_GPU else "torch"
         return "triton" if x.is_cuda and triton_found else "torch"
     if backend == "triton" and not triton_found:
         raise RuntimeError("DPLR_BACKEND=triton, but triton does not import")

@@ -42,17 +42,27 @@ def forward(problem: Problem, chunk_size: int) -> tuple[torch.Tensor, torch.Tens
 def has_backward(chunk_size: int, *, checked_on_gpu: bool = True, value_decay: bool = False) -> bool:
     """Whether these kernels have a backward; by default only one that has also passed the
     check against the reference on a GPU (the module's ``BACKWARD_CHECKED_ON_GPU``, and with
-    ``value_decay`` its ``VALUE_DECAY_CHECKED_ON_GPU`` where it has one), which is what
-    ``DPLR_BACKEND=auto`` requires before it trains on them. ``DPLR_BACKEND=triton`` runs any
-    backward there is."""
+    ``value_decay`` :func:`value_decay_checked` too), which is what ``DPLR_BACKEND=auto``
+    requires before it trains on them. ``DPLR_BACKEND=triton`` runs any backward there is."""
     try:
         module = _module(chunk_size)
     except RuntimeError:
         return False
     checked = getattr(module, "BACKWARD_CHECKED_ON_GPU", False)
     if value_decay:
-        checked = checked and getattr(module, "VALUE_DECAY_CHECKED_ON_GPU", True)
+        checked = checked and value_decay_checked(chunk_size)
     return hasattr(module, "backward") and (checked or not checked_on_gpu)
+
+
+def value_decay_checked(chunk_size: int) -> bool:
+    """Whether these kernels' value-side decay (``gv``) has passed its check on a GPU (the
+    module's ``VALUE_DECAY_CHECKED_ON_GPU``). Until it has, ``DPLR_BACKEND=auto`` runs no ``gv``
+    call on them, forward included: a forward that was never run on a GPU is not trusted either."""
+    try:
+        module = _module(chunk_size)
+    except RuntimeError:
+        return False
+    return getattr(module, "VALUE_DECAY_CHECKED_ON_GPU", False)
 
 
 def backward(problem: Problem, d_out: torch.Tensor, d_final: torch.Tensor, chunk_size: int) -> tuple:

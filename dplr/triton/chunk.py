@@ -32,9 +32,9 @@ from .structure import constexprs
 # family, bf16 and fp32, varlen, all gradients, bit-identical across two passes), so
 # DPLR_BACKEND=auto trains on it.
 BACKWARD_CHECKED_ON_GPU = True
-# The value-side decay gv (VALUE_DECAY) has been checked under TRITON_INTERPRET only: until
-# benchmarks/gpu_value_decay.py passes on a GPU, DPLR_BACKEND=auto runs its forward here but
-# trains on the PyTorch path.
+# The value-side decay gv (VALUE_DECAY) passes under TRITON_INTERPRET, but its first GPU run
+# (benchmarks/gpu_value_decay.py on an H200, 2026-11-27) stopped on an illegal memory access:
+# until that script passes, DPLR_BACKEND=auto sends gv calls, forward and backward, to PyTorch.
 VALUE_DECAY_CHECKED_ON_GPU = False
 
 

@@ -22,6 +22,9 @@ from .structure import constexprs
 
 MAX_HEAD_DIM = 256
 BACKWARD_CHECKED_ON_GPU = True  # benchmarks/results/gpu_recurrent_H200.log
+# gv (VALUE_DECAY) is checked under TRITON_INTERPRET only: until benchmarks/gpu_recurrent.py's gv
+# checks pass on a GPU, DPLR_BACKEND=auto (and dplr.decode) run gv calls on PyTorch.
+VALUE_DECAY_CHECKED_ON_GPU = False
 # Tokens between two state checkpoints in the backward: memory T/CK states per head, and a
 # scratch of CK tiles per program for the recomputed segment.
 CHECKPOINT_EVERY = 64

@@ -76,12 +76,14 @@ def test_zero_value_decay_is_the_plain_op():
     torch.testing.assert_close(with_zero, without, rtol=1e-5, atol=1e-6)
 
 
-def test_auto_backend_trains_with_gv_only_once_checked_on_a_gpu():
-    """``DPLR_BACKEND=auto`` runs the gv forward on CUDA tensors, and its backward once
-    ``VALUE_DECAY_CHECKED_ON_GPU`` says benchmarks/gpu_value_decay.py passed on a GPU."""
+def test_auto_backend_runs_gv_only_once_checked_on_a_gpu():
+    """``DPLR_BACKEND=auto`` runs no gv call on the Triton kernels, forward or backward, chunked
+    or recurrent, before ``VALUE_DECAY_CHECKED_ON_GPU`` says the GPU check passed."""
     from dplr import triton as triton_path
-    from dplr.triton import chunk
+    from dplr.triton import chunk, recurrent
 
-    expected = chunk.BACKWARD_CHECKED_ON_GPU and chunk.VALUE_DECAY_CHECKED_ON_GPU
-    assert triton_path.has_backward(64, value_decay=True) == expected
-    assert triton_path.has_backward(64, value_decay=True, checked_on_gpu=False)
+    for chunk_size, module in ((64, chunk), (triton_path.RECURRENT_CHUNK, recurrent)):
+        assert triton_path.value_decay_checked(chunk_size) == module.VALUE_DECAY_CHECKED_ON_GPU
+        expected = module.BACKWARD_CHECKED_ON_GPU and module.VALUE_DECAY_CHECKED_ON_GPU
+        assert triton_path.has_backward(chunk_size, value_decay=True) == expected
+        assert triton_path.has_backward(chunk_size, value_decay=True, checked_on_gpu=False)
