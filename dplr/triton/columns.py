@@ -15,9 +15,10 @@ ever formed, and every factor is ``<= 1``:
   as ``exp(GV_i - c) · exp(c - GV_j)``, one tensor-core product per level (``log2 C`` in all;
   every pair ``j < i`` meets at exactly one level, the highest bit in which ``i`` and ``j``
   differ). Unlike the key side (:mod:`dplr.triton.intra`) there are no sub-blocks against a
-  middle and so no exact fallback for fast-decaying blocks: these products run in the
-  sequential state pass, where such a loop costs registers (sm_90: it spilled), while a
-  few more masked ``C x C`` products cost the tensor cores little;
+  middle, so no clamps and no exact fallback for fast-decaying blocks: every gate takes the
+  same path, for ``log2 C`` masked products where the sub-blocks take ``1 + log2(C / 16)``
+  (sm_90, KDA's forward state pass at BV = 32: 2.4 KiB of stack per thread against 1.6 KiB
+  for sub-blocks with the fallback; the state passes run ``gv`` on blocks of 16 for it);
 * the pairs ``j = i`` (factor ``exp(0)``) are added apart and pass nothing to the gate, as on
   the key side.
 
