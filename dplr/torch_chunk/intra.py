@@ -116,6 +116,9 @@ class Pairwise:
     numbers (``>= exp(-CHUNK_LIMIT)``); the columns carry the large one, so KDA's ``q`` and ``k``
     rows share one scaled column set. The masked pairs ``j > i`` of the product reach
     ``exp(CHUNK_LIMIT) Σ|x||y|`` at most, far from overflow, so a multiplied mask removes them.
+    A pair ``j < i`` passes gradients to the gates before ``j`` through both factors, which cancel
+    up to rounding (a residual of order eps times the pair's term, as inside a sub-block of the
+    safe path); only the exp(0) pairs, whose true gate gradient is zero, are taken apart below.
     The other chunks (a decay of more than ``CHUNK_LIMIT``, e.g. gates of -1 per step over 64
     tokens) take the safe path on their own: sub-blocks with local reference points (channel) or
     the ``C x C`` factor tile from fp64 sums (scalar). The split is decided on the host per chunk
