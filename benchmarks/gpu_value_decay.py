@@ -14,6 +14,7 @@ Writes ``benchmarks/results/gpu_value_decay_<card>.json``; exits 1 if a check fa
 times that mean nothing) and writes its JSON to a temporary directory unless ``--out`` is given.
 
     python benchmarks/gpu_value_decay.py [--families gla,kda] [--variants bv32,bv64] [--smoke]
+    CUDA_LAUNCH_BLOCKING=1 python benchmarks/gpu_value_decay.py --stages   # which launch faults
 """
 
 from __future__ import annotations
@@ -115,6 +116,43 @@ def correctness(families: list[str], device: str, smoke: bool) -> list[dict]:
     return rows
 
 
+def stages(families: list[str], device: str) -> list[dict]:
+    """Each launch of the gv path on its own, synchronised after it, so that a launch that faults
+    is named (run with CUDA_LAUNCH_BLOCKING=1, or under compute-sanitizer for the address)."""
+    from dplr import api
+    from dplr.testing import _with_defaults
+    from dplr.triton import chunk, configs
+
+    rows = []
+    for name in families:
+        for dtype in (torch.bfloat16, torch.float32):
+            args = make_inputs(name, B=2, T=200, H=2, HV=4, K=128, V=128, dtype=dtype, device=device, value_decay=True)
+            problem = api.prepare(name, api.CHUNK, _with_defaults(name, dict(args, output_final_state=True)))
+            cfg = configs.chunk_forward(
+                K=128, V=128, C=64, dtype=dtype, device=device, lowrank=problem.transition.lowrank.value,
+                value_decay=True,
+            )  # fmt: skip
+            row, reached = dict(family=name, dtype=str(dtype).replace("torch.", "")), "prepare"
+            try:
+                prep = chunk.prepare(problem, 64, cfg)
+                torch.cuda.synchronize()
+                reached = "state pass"
+                o, final = chunk.state_pass(problem, prep, 64, cfg)
+                torch.cuda.synchronize()
+                reached = "backward"
+                chunk.backward(problem, torch.randn_like(o), torch.randn_like(final), 64)
+                torch.cuda.synchronize()
+                row["passed"] = True
+            except Exception as err:
+                row.update(passed=False, failed_in=reached, failure=f"{type(err).__name__}: {str(err)[:300]}")
+                print(f"  {name} {row['dtype']}: {reached} failed: {row['failure']}", flush=True)
+                rows.append(row)
+                return rows  # a fault leaves the context unusable: the first is the one to read
+            print(f"  {name} {row['dtype']}: prepare, state pass and backward ran", flush=True)
+            rows.append(row)
+    return rows
+
+
 def timing_inputs(name: str, B: int, T: int, H: int, K: int, device: str) -> dict:
     """The timed op's inputs (as benchmarks/gpu_chunk.py draws them) and ``gv`` drawn like its gates."""
     if device == "cuda":
@@ -196,6 +234,7 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true", help="CPU, TRITON_INTERPRET=1, fp32, tiny shapes")
     ap.add_argument("--variants", default="", help=f"state-pass launch variants to time too: {','.join(VARIANTS)}")
     ap.add_argument("--no-pytest", action="store_true")
+    ap.add_argument("--stages", action="store_true", help="only run each launch alone, to name one that faults")
     ap.add_argument(
         "--out", default=None, help="results directory (default benchmarks/results; a temporary one for --smoke)"
     )
@@ -216,6 +255,14 @@ def main() -> int:
     path = out_dir / f"gpu_value_decay_{slug}.json"
     started = time.time()
 
+    if ns.stages:
+        if ns.smoke:
+            print("--stages runs on a GPU (the interpreter reports faults where they happen)")
+            return 2
+        print("each launch alone, synchronised:", flush=True)
+        rows = stages(families, device)
+        path.write_text(json.dumps(dict(result, stages=rows), indent=1))
+        return 0 if all(r["passed"] for r in rows) else 1
     print("correctness against the fp64 reference:", flush=True)
     result["correctness"] = correctness(families, device, ns.smoke)
     if not ns.smoke and not ns.no_pytest:
