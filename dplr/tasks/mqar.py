@@ -98,6 +98,11 @@ class Preset:
     weight_decay: float = 0.1
     warmup_fraction: float = 0.1
     max_seconds: float | None = None  # per run: shorten the schedule to what fits (see train_one)
+    # Easier tasks mixed into the training set, (task, examples) each, as Zoology's sweeps train:
+    # shorter sequences with fewer pairs give the model the lookup to learn before the long ones
+    # (a model trained on the long task alone sits at chance for thousands of steps). Batches are
+    # drawn from one task at a time, at its own length; the test set is ``data`` alone.
+    train_mix: tuple[tuple[Data, int], ...] = ()
 
 
 PRESETS = {
@@ -113,7 +118,10 @@ PRESETS = {
         lr=1e-3,
         head_dim=32,
     ),
-    # Zoology's sweep: vocab 8192, T = 512, 64 pairs, 2 layers, widths 64-512, 100K examples.
+    # Zoology's sweep: vocab 8192, T = 512, 64 pairs, 2 layers, widths 64-512, 100K examples,
+    # with easier lengths mixed into training. Trained on the T = 512 task alone for 4 epochs
+    # (6252 steps), KDA and GLA at d = 128 and 256 stayed at chance on an H200
+    # (benchmarks/results/mqar_gpu_H200.json); the mixture has not been run on a GPU yet.
     "gpu": Preset(
         data=Data(vocab_size=8192, seq_len=512, num_kv_pairs=64),
         mixers=MIXERS,
@@ -124,6 +132,10 @@ PRESETS = {
         batch_size=64,
         lr=1e-3,
         max_seconds=150.0,
+        train_mix=tuple(
+            (Data(vocab_size=8192, seq_len=T, num_kv_pairs=P), 20_000)
+            for T, P in ((64, 4), (128, 8), (256, 16), (256, 32), (256, 64))
+        ),
     ),
 }
 
@@ -144,11 +156,35 @@ def model_config(preset: Preset, mixer: str, width: int) -> LMConfig:
 WARM_STEPS, PROBE_STEPS = 5, 25  # a time budget times steps WARM_STEPS..PROBE_STEPS, then fixes the run's length
 
 
+Segment = tuple[torch.Tensor, torch.Tensor]  # one task's (inputs, targets), all of one length
+
+
+def training_set(preset: Preset, *, seed: int) -> list[Segment]:
+    """The training segments: ``preset.data`` with ``train_examples``, then each task of ``train_mix``."""
+    tasks = [(preset.data, preset.train_examples), *preset.train_mix]
+    return [make_examples(data, n, seed=seed + 1000 * i) for i, (data, n) in enumerate(tasks)]
+
+
+def training_batches(train: list[Segment], *, batch_size: int, epochs: int, gen: torch.Generator):
+    """Every epoch: each segment shuffled and cut into batches, the batches of all segments in a
+    shuffled order (one segment: its own order). Yields ``(segment index, example indices)``."""
+    for _ in range(epochs):
+        batches = [
+            (s, order[i : i + batch_size])
+            for s, (inputs, _) in enumerate(train)
+            for order in [torch.randperm(len(inputs), generator=gen)]
+            for i in range(0, len(inputs), batch_size)
+        ]
+        mixed = torch.randperm(len(batches), generator=gen).tolist() if len(train) > 1 else range(len(batches))
+        for j in mixed:
+            yield batches[j]
+
+
 def train_one(
     preset: Preset,
     mixer: str,
     width: int,
-    train: tuple[torch.Tensor, torch.Tensor],
+    train: list[Segment],
     test: tuple[torch.Tensor, torch.Tensor],
     *,
     device: torch.device,
@@ -158,7 +194,7 @@ def train_one(
 ) -> dict:
     """Train one model and measure its recall accuracy on ``test``. Returns a result row.
 
-    ``epochs`` passes over ``train`` in batches of ``batch_size``, AdamW with a linear warm-up and a
+    ``epochs`` passes over the segments of ``train`` in batches of ``batch_size``, AdamW with a linear warm-up and a
     cosine decay to zero. With ``preset.max_seconds`` the run is shortened, once the first
     :data:`PROBE_STEPS` steps are timed, to what fits the budget; the schedule follows (still
     in warm-up then), so a budgeted run is a complete, shorter run rather than a cut one."""
@@ -166,8 +202,7 @@ def train_one(
     lr = preset.lr if lr is None else lr
     model = LM(model_config(preset, mixer, width)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=preset.weight_decay, betas=(0.9, 0.98))
-    inputs, targets = train
-    planned = math.ceil(len(inputs) / preset.batch_size) * preset.epochs
+    planned = sum(math.ceil(len(inputs) / preset.batch_size) for inputs, _ in train) * preset.epochs
     plan = dict(total=planned, warmup=max(1, int(preset.warmup_fraction * planned)))
 
     def schedule(s: int) -> float:
@@ -176,19 +211,16 @@ def train_one(
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     gen = torch.Generator().manual_seed(seed)
-    batches = (
-        order[i : i + preset.batch_size]
-        for _ in range(preset.epochs)
-        for order in [torch.randperm(len(inputs), generator=gen)]
-        for i in range(0, len(inputs), preset.batch_size)
-    )
+    batches = training_batches(train, batch_size=preset.batch_size, epochs=preset.epochs, gen=gen)
     bar = _progress(planned, f"{mixer:>9s} d={width:<4d}", progress)
-    start, marks = time.perf_counter(), []
+    start, marks, tokens = time.perf_counter(), [], 0
     model.train()
-    for step, idx in enumerate(batches):
+    for step, (segment, idx) in enumerate(batches):
         if step == plan["total"]:
             break
+        inputs, targets = train[segment]
         x, y = inputs[idx].to(device), targets[idx].to(device)
+        tokens += x.numel()
         loss = F.cross_entropy(model(x).logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -226,7 +258,7 @@ def train_one(
         planned_steps=planned,
         parameters=sum(p.numel() for p in model.parameters()),
         train_seconds=round(train_seconds, 2),
-        train_tokens_per_second=round(steps * preset.batch_size * preset.data.seq_len / train_seconds, 1),
+        train_tokens_per_second=round(tokens / train_seconds, 1),
     )
 
 
@@ -290,7 +322,7 @@ def run(
     """Every mixer at every width of ``preset``: the report (settings, environment, rows).
     ``jobs > 1`` trains that many models at once, one process (and one CPU thread) each; on a
     GPU the processes share the card."""
-    train = make_examples(preset.data, preset.train_examples, seed=seed)
+    train = training_set(preset, seed=seed)
     test = make_examples(preset.data, preset.test_examples, seed=seed + 1)
     runs = [(mixer, width) for mixer in preset.mixers for width in preset.widths]
     start = time.perf_counter()

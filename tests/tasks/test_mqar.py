@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
 from dplr.cli import main
-from dplr.tasks.mqar import IGNORE, PRESETS, Data, Preset, make_examples, table, train_one
+from dplr.tasks.mqar import (
+    IGNORE,
+    PRESETS,
+    Data,
+    Preset,
+    make_examples,
+    table,
+    train_one,
+    training_batches,
+    training_set,
+)
 
 
 def test_examples_pair_every_query_with_its_value():
@@ -58,11 +69,28 @@ def test_training_learns_recall():
         lr=3e-3,
         head_dim=32,
     )
-    train = make_examples(preset.data, preset.train_examples, seed=0)
+    train = training_set(preset, seed=0)
     test = make_examples(preset.data, preset.test_examples, seed=1)
     row = train_one(preset, "delta_net", 32, train, test, device=torch.device("cpu"), seed=0, progress=False)
     assert row["steps"] == 200 and row["parameters"] > 0
     assert row["accuracy"] > 0.5, row  # chance is 1/16
+
+
+def test_training_mix_batches_each_task_at_its_own_length():
+    """With ``train_mix`` every batch comes from one task, at that task's length, and an epoch
+    visits every example of every task once."""
+    short, long = Data(vocab_size=64, seq_len=16, num_kv_pairs=2), Data(vocab_size=64, seq_len=32, num_kv_pairs=4)
+    preset = dataclasses.replace(PRESETS["cpu"], data=long, train_examples=40, train_mix=((short, 24),), batch_size=8)
+    train = training_set(preset, seed=0)
+    assert [tuple(x.shape) for x, _ in train] == [(40, 32), (24, 16)]
+    seen = {0: [], 1: []}
+    for segment, idx in training_batches(train, batch_size=8, epochs=1, gen=torch.Generator().manual_seed(0)):
+        assert len(idx) <= 8
+        seen[segment] += idx.tolist()
+    assert sorted(seen[0]) == list(range(40)) and sorted(seen[1]) == list(range(24))
+    row = train_one(preset, "gla", 16, train, make_examples(long, 16, seed=1), device=torch.device("cpu"), seed=0,
+                    progress=False)  # fmt: skip
+    assert row["steps"] == 5 + 3 and row["planned_steps"] == 8
 
 
 def test_command_writes_json_and_table(tmp_path, capsys):
