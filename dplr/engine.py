@@ -71,8 +71,14 @@ def chunk_fwd(problem: Problem, *, chunk_size: int) -> tuple[torch.Tensor, torch
     decays = chunk_decays(g, sub=min(SUB, chunk_size))
     value_decays = chunk_decays(gv, sub=min(SUB, chunk_size))
     intra = intra_chunk(p.transition, q=q, k=k, a=a, b=b, decays=decays)
+    # The chunked q, k, a, b and the decays' per-token sums are spent: dropped here, the later stages'
+    # tensors reuse their memory. (On a CPU the forward's peak memory costs time: every fresh page
+    # the allocator maps is a page fault, about as dear as a pass of arithmetic over it.)
+    del q, k, a, b, g
+    decays = decays.chunk_ends()
     columns = column_decay(value_decays, dtype=dtype)
     pseudo = pseudo_values(p.transition, intra=intra, v=v, beta=beta, columns=columns)
+    intra = intra.after_solve()
     states = state_pass(
         p.transition,
         layout=layout,
@@ -83,5 +89,6 @@ def chunk_fwd(problem: Problem, *, chunk_size: int) -> tuple[torch.Tensor, torch
         initial_state=p.start_state(),
         columns=columns,
     )
+    del pseudo
     out = chunk_output(p.transition, intra=intra, states=states, v=v, scale=p.scale, columns=columns)
     return layout.scatter(out, p.v.shape), states.final

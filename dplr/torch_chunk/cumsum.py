@@ -33,6 +33,10 @@ class Decays(NamedTuple):
     totals: torch.Tensor | None = None  # channel: each sub-block's decay  [M, HV, nb, K]
     gates: torch.Tensor | None = None  # channel: g itself by sub-block  [M, HV, nb, L, K]
 
+    def chunk_ends(self) -> Decays:
+        """The whole chunks' decays alone (all the state pass reads): the per-token sums can go."""
+        return Decays(self.G_end)
+
 
 def decay_factor(log_decay: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``exp(log_decay)`` in the compute dtype (from an fp64 exponent for scalar decay)."""

@@ -56,6 +56,10 @@ class Intra(NamedTuple):
     A_ak: torch.Tensor | None = None  # general: j < i
     A_qb: torch.Tensor | None = None  # general: j <= i
 
+    def after_solve(self) -> Intra:
+        """The fields the state pass and the output read; those only the solve reads are dropped."""
+        return self._replace(k_start=None, A_kk=None, a_start=None, A_ab=None, A_ak=None)
+
 
 def intra_chunk(
     transition: Transition,
@@ -67,21 +71,22 @@ def intra_chunk(
     decays: Decays,
 ) -> Intra:
     """Chunked ``q, k, a, b [M, HV, C, K]`` and the chunk's cumulative decays → :class:`Intra`."""
+    # Every row and column set first; then the per-token factors go, and each factorised column set
+    # goes after its last product. What the stage holds at once is the forward's peak memory, and on
+    # a CPU fresh pages cost time (see engine.chunk_fwd).
     pairs = Pairwise(decays, transition.decay, q.dtype)
+    lowrank = transition.lowrank
     q_rows, k_cols = pairs.rows(q), pairs.cols(k)
+    k_rows = pairs.rows(k) if lowrank is LowRank.TIED else None
+    a_rows, b_cols = (pairs.rows(a, prev=True), pairs.cols(b)) if lowrank is LowRank.GENERAL else (None, None)
+    pairs.release_factors()
     fields = dict(q_start=q_rows.start, k_end=k_cols.end, A_qk=pairs.product(q_rows, k_cols, strict=False))
-    if transition.lowrank is LowRank.TIED:
-        k_rows = pairs.rows(k)
+    if lowrank is LowRank.TIED:
         fields.update(k_start=k_rows.start, A_kk=pairs.product(k_rows, k_cols, strict=True))
-    elif transition.lowrank is LowRank.GENERAL:
-        a_rows, b_cols = pairs.rows(a, prev=True), pairs.cols(b)
-        fields.update(
-            a_start=a_rows.start,
-            b_end=b_cols.end,
-            A_ab=pairs.product(a_rows, b_cols, strict=True),
-            A_ak=pairs.product(a_rows, k_cols, strict=True),
-            A_qb=pairs.product(q_rows, b_cols, strict=False),
-        )
+    elif lowrank is LowRank.GENERAL:
+        fields.update(a_start=a_rows.start, b_end=b_cols.end, A_ak=pairs.product(a_rows, k_cols, strict=True))
+        del k_cols
+        fields.update(A_ab=pairs.product(a_rows, b_cols, strict=True), A_qb=pairs.product(q_rows, b_cols, strict=False))
     return Intra(**fields)
 
 
@@ -137,7 +142,7 @@ class Pairwise:
         f = self.factors
         if f is None:
             return _Rows(x, prev, x)
-        return _Rows(x, prev, x * f.start_factor(prev), None if f.slow is None else f.slow.rows(f.take(x), prev))
+        return _Rows(x, prev, f.scale_start(x, prev), None if f.slow is None else f.slow.rows(f.take(x), prev))
 
     def cols(self, y: torch.Tensor) -> _Cols:
         f = self.factors
@@ -146,6 +151,11 @@ class Pairwise:
         end = y * f.end_factor
         hat = end * f.from_end if f.any_fast else None
         return _Cols(y, end, hat, None if f.slow is None else f.slow.cols(f.take(y)))
+
+    def release_factors(self) -> None:
+        """Drops the per-token factors once every row and column set is made (products need them no more)."""
+        if self.factors is not None:
+            self.factors.release()
 
     def from_start(self, rows: _Rows) -> torch.Tensor:
         """``x ⊙ exp(G_i)`` (``G_{i-1}`` for ``prev`` rows)."""
@@ -172,6 +182,12 @@ class Pairwise:
         # would pass O(1) gradients into the gate that cancel only up to rounding, swamping its
         # true gradient under strong decay. (A is a fresh tensor, so its diagonals take them in place.)
         offset = -2 if rows.prev else -1
+        # The exp(0) pairs' sums first, before A exists (their [C, K] product is a temporary).
+        exact = None
+        if rows.prev:
+            exact = (x[..., 1:, :] * y[..., :-1, :]).sum(-1)
+        elif not strict:
+            exact = (x * y).sum(-1)
         A = None
         if f.any_fast:
             A = rows.start @ cols.hat.transpose(-1, -2)
@@ -179,16 +195,18 @@ class Pairwise:
         if f.slow is not None:
             slow = f.slow.product(rows.slow, cols.slow)
             A = f.merge(A, slow.mul_(self._mask(offset, slow)))
-        if rows.prev:
-            A.diagonal(-1, -2, -1).add_((x[..., 1:, :] * y[..., :-1, :]).sum(-1))
-        elif not strict:
-            A.diagonal(0, -2, -1).add_((x * y).sum(-1))
+        if exact is not None:
+            A.diagonal(-1 if rows.prev else 0, -2, -1).add_(exact)
         return A
 
 
 class _Split:
     """Which chunks (and heads) are fast, decided once on the host; the slow ones are gathered
     from the flattened leading dimensions and their results put back."""
+
+    def release(self) -> None:
+        """Drops the per-token factors (the slow path keeps its own)."""
+        self.start = self.end_factor = self._starts = None
 
     def _split(self, G_end: torch.Tensor) -> None:
         """``G_end [..]`` (scalar) or ``[.., K]`` (channel): the chunks' whole decays."""
@@ -215,8 +233,8 @@ class _ChannelFactors(_Split):
     def __init__(self, decays: Decays, dtype: torch.dtype):
         *lead, nb, L, K = decays.local.shape
         self.lead_dims, self.shape = len(lead), (*lead, nb * L, K)
-        self.E = torch.exp(decays.local)  # exp(G_i - s_p)
-        self.exp_starts = torch.exp(prefix_sums(decays.totals, -2))[..., None, :]  # exp(s_p)
+        exp_starts = torch.exp(prefix_sums(decays.totals, -2))[..., None, :]  # exp(s_p)
+        self.start = (torch.exp(decays.local) * exp_starts).reshape(self.shape)  # exp(G_i - s_p) exp(s_p)
         to_chunk_end = torch.exp(suffix_sums(decays.totals, -2))[..., None, :]  # exp(G_C - e_p)
         self.end_factor = (torch.exp(decays.rest) * to_chunk_end).reshape(self.shape)
         self._split(decays.G_end)
@@ -227,17 +245,14 @@ class _ChannelFactors(_Split):
         if not self.any_fast or self.index is not None:
             subset = decays if self.index is None else Decays(*(None if t is None else self.take(t) for t in decays))
             self.slow = _Blocks(subset, dtype)
-        self._starts: dict[bool, torch.Tensor] = {}
 
-    def start_factor(self, prev: bool) -> torch.Tensor:
-        """``exp(G_i)`` (``exp(G_{i-1})``), shared by the rows of the same kind."""
-        if prev not in self._starts:
-            if prev:  # exp(G_{i-1}) is exp(G_i) shifted by one token (exactly 1 at the first)
-                G = self.start_factor(False)
-                self._starts[prev] = torch.cat([torch.ones_like(G[..., :1, :]), G[..., :-1, :]], dim=-2)
-            else:
-                self._starts[prev] = (self.E * self.exp_starts).reshape(self.shape)
-        return self._starts[prev]
+    def scale_start(self, x: torch.Tensor, prev: bool) -> torch.Tensor:
+        """``x ⊙ exp(G_i)`` (``exp(G_{i-1})`` for ``prev`` rows)."""
+        if not prev:
+            return x * self.start
+        # exp(G_{i-1}) is exp(G_i) shifted by one token (exactly 1 at the first): the rows are shifted
+        # against it rather than a shifted copy of the factor made (one [C, K] tensor less to hold).
+        return torch.cat([x[..., :1, :], x[..., 1:, :] * self.start[..., :-1, :]], dim=-2)
 
 
 class _ScalarFactors(_Split):
@@ -254,6 +269,10 @@ class _ScalarFactors(_Split):
         if not self.any_fast or self.index is not None:
             self.slow = _ScalarTile(self.take(self.G), dtype)
         self._starts: dict[bool, torch.Tensor] = {}
+
+    def scale_start(self, x: torch.Tensor, prev: bool) -> torch.Tensor:
+        """``x ⊙ exp(G_i)`` (``exp(G_{i-1})`` for ``prev`` rows)."""
+        return x * self.start_factor(prev)
 
     def start_factor(self, prev: bool) -> torch.Tensor:
         """``exp(G_i)`` (``exp(G_{i-1})``), shared by the rows of the same kind."""

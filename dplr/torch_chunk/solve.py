@@ -48,23 +48,23 @@ def pseudo_values(
     ``None`` when there is no rank-one part."""
     if transition.lowrank is LowRank.NONE:
         return None
-    C = intra.A_qk.shape[-1]
+    C, sign = intra.A_qk.shape[-1], 1.0
     if transition.lowrank is LowRank.TIED:
         system = intra.A_kk * beta[..., :, None]
         right = v if columns is None else torch.eye(C, dtype=v.dtype, device=v.device).expand_as(system)
         # W solves for -beta k_start: the sign goes into the right-hand side, not a pass over W.
         rhs = torch.cat([intra.k_start * -beta[..., None], right * beta[..., None]], dim=-1)
     else:
-        system = -intra.A_ab
+        system, sign = intra.A_ab, -1.0  # I - A_ab: the sign rides on the solve, not a pass over A_ab
         rhs = torch.cat([intra.a_start, intra.A_ak @ v if columns is None else intra.A_ak], dim=-1)
-    solved = unit_lower_solve(system, rhs)
+    solved = unit_lower_solve(system, rhs, sign=sign)
     K = intra.k_end.shape[-1]
     U = solved[..., K:] if columns is None else columns.product(solved[..., K:], v)
     return Pseudo(W=solved[..., :K], U=U)
 
 
-def unit_lower_solve(N: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-    """``(I + N)⁻¹ rhs`` for strictly lower-triangular ``N [.., C, C]`` and ``rhs [.., C, R]``.
+def unit_lower_solve(N: torch.Tensor, rhs: torch.Tensor, *, sign: float = 1.0) -> torch.Tensor:
+    """``(I + sign · N)⁻¹ rhs`` for strictly lower-triangular ``N [.., C, C]``, ``rhs [.., C, R]``, ``sign = ±1``.
 
     Forward substitution by blocks of ``BLOCK`` tokens: the diagonal blocks are inverted by the
     triangular solver (exact substitution, no growth from a series), everything else is batched
@@ -76,6 +76,8 @@ def unit_lower_solve(N: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     lead = rhs.shape[:-2]
     N, rhs = N.reshape(-1, C, C), rhs.reshape(-1, C, R)
     diagonal = N.view(-1, n, b, n, b).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)  # [.., n, b, b]
+    if sign < 0:
+        diagonal = -diagonal  # the diagonal blocks alone (1/n of N)
     eye = torch.eye(b, dtype=N.dtype, device=N.device).expand_as(diagonal)
     # unitriangular: the solver reads the strictly lower part only (the identity is implied).
     inverse = torch.linalg.solve_triangular(diagonal, eye, upper=False, unitriangular=True)
@@ -84,7 +86,7 @@ def unit_lower_solve(N: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
         rows = slice(p * b, (p + 1) * b)
         block = rhs[:, rows]
         for q, x in enumerate(solved):
-            block = torch.baddbmm(block, N[:, rows, q * b : (q + 1) * b], x, alpha=-1)
+            block = torch.baddbmm(block, N[:, rows, q * b : (q + 1) * b], x, alpha=-sign)
         solved.append(inverse[:, p] @ block)
     solved = torch.cat(solved, dim=1)
     return solved.view(*lead, C, R)
