@@ -20,6 +20,10 @@ from .torch_chunk.solve import pseudo_values
 from .torch_chunk.state import state_pass
 from .transition import Transition, expand_heads
 
+# Elements of one stage tensor (a [chunks, HV, C, max(K, V, C)] block) per part of the chunk loop:
+# 2^19 fp32 elements are 2 MiB, so that a part's dozen or so live tensors sit in a CPU's last-level cache.
+PART_ELEMENTS = 1 << 19
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -61,34 +65,67 @@ class Problem:
 
 
 def chunk_fwd(problem: Problem, *, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns ``(o [B,T,HV,V], final_state [N,HV,K,V])``, both in the compute dtype."""
+    """Returns ``(o [B,T,HV,V], final_state [N,HV,K,V])``, both in the compute dtype.
+
+    The chunks run in parts of whole steps (:meth:`ChunkLayout.parts`), each part through every
+    stage before the next, its state pass going on from the state the part before left: the
+    stages' per-chunk tensors are held for one part at a time, not for the whole sequence. On a
+    CPU that keeps them in cache and keeps the forward's peak memory low (every fresh page the
+    allocator maps, or maps again after the kernel reclaimed it, is a page fault costing about
+    as much as a pass of arithmetic over it)."""
     p, dtype, HV = problem, problem.compute_dtype, problem.v.shape[2]
     B, T = p.q.shape[:2]
     layout = ChunkLayout.build(batch=B, seq_len=T, cu_seqlens=p.cu_seqlens, chunk_size=chunk_size, device=p.q.device)
-    q, k, a, b = (expand_heads(layout.gather(x, dtype), HV, dim=1) for x in (p.q, p.k, p.a, p.b))
-    v, g, beta, gv = (layout.gather(x, dtype) for x in (p.v, p.g, p.beta, p.gv))
+    K, V = p.q.shape[-1], p.v.shape[-1]
+    per_chunk = HV * chunk_size * max(K, V, chunk_size)  # elements of a stage tensor per chunk
+    state, outs = p.start_state(), []
+    for rows, part in layout.parts(max(1, PART_ELEMENTS // per_chunk)):
+        o, state = _chunk_part(
+            p.transition,
+            layout=part,
+            q=expand_heads(layout.gather(p.q, dtype, rows), HV, dim=1),
+            k=expand_heads(layout.gather(p.k, dtype, rows), HV, dim=1),
+            a=expand_heads(layout.gather(p.a, dtype, rows), HV, dim=1),
+            b=expand_heads(layout.gather(p.b, dtype, rows), HV, dim=1),
+            v=layout.gather(p.v, dtype, rows),
+            g=layout.gather(p.g, dtype, rows),
+            beta=layout.gather(p.beta, dtype, rows),
+            gv=layout.gather(p.gv, dtype, rows),
+            initial_state=state,
+            scale=p.scale,
+        )
+        outs.append(o)
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)
+    return layout.scatter(out, p.v.shape), state
 
+
+def _chunk_part(
+    transition: Transition, *, layout: ChunkLayout, q, k, a, b, v, g, beta, gv, initial_state, scale: float
+):
+    """One part's chunks (``[chunks, HV, C, ·]`` each) through the stages: ``(o [chunks, HV, C, V],
+    the state after the part [N, HV, K, V])``."""
+    chunk_size, dtype = layout.chunk_size, v.dtype
     decays = chunk_decays(g, sub=min(SUB, chunk_size))
     value_decays = chunk_decays(gv, sub=min(SUB, chunk_size))
-    intra = intra_chunk(p.transition, q=q, k=k, a=a, b=b, decays=decays)
-    # The chunked q, k, a, b and the decays' per-token sums are spent: dropped here, the later stages'
-    # tensors reuse their memory. (On a CPU the forward's peak memory costs time: every fresh page
-    # the allocator maps is a page fault, about as dear as a pass of arithmetic over it.)
+    intra = intra_chunk(transition, q=q, k=k, a=a, b=b, decays=decays)
+    # What a stage no longer needs is dropped as soon as it is spent (the part's peak memory):
+    # q, k, a, b and the decays' per-token sums after intra, the solve-only fields after the solve,
+    # W and U after the state pass.
     del q, k, a, b, g
     decays = decays.chunk_ends()
     columns = column_decay(value_decays, dtype=dtype)
-    pseudo = pseudo_values(p.transition, intra=intra, v=v, beta=beta, columns=columns)
+    pseudo = pseudo_values(transition, intra=intra, v=v, beta=beta, columns=columns)
     intra = intra.after_solve()
     states = state_pass(
-        p.transition,
+        transition,
         layout=layout,
         decays=decays,
         intra=intra,
         v=v,
         pseudo=pseudo,
-        initial_state=p.start_state(),
+        initial_state=initial_state,
         columns=columns,
     )
     del pseudo
-    out = chunk_output(p.transition, intra=intra, states=states, v=v, scale=p.scale, columns=columns)
-    return layout.scatter(out, p.v.shape), states.final
+    out = chunk_output(transition, intra=intra, states=states, v=v, scale=scale, columns=columns)
+    return out, states.final

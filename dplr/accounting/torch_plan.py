@@ -12,14 +12,15 @@ How the PyTorch path differs from the ideal plan of :mod:`dplr.accounting.model`
   decay faster take the sub-block path (channel) or a ``C x C`` factor tile (scalar); that work
   depends on the data and is not counted here (nor are the exps of the exact redo of sub-blocks).
 * ``solve``: forward substitution by diagonal blocks of ``BLOCK = 16`` tokens on ``[K + V]``
-  right-hand sides: the ``n = C / 16`` diagonal blocks are inverted by
-  ``torch.linalg.solve_triangular`` (``n · 16² · 15`` FLOPs), which FlopCounterMode does not
-  count (it is not in ``torch.utils.flop_counter.flop_registry``), so it is reported apart as
-  ``uncounted``; the rest is products (``n (n + 1) 16² (K + V)``, counted). The backward of each
-  block inverse is a second triangular solve (uncounted) and one ``16 x 16 x 16`` product.
+  right-hand sides (``W``'s and ``U``'s solved apart against the same block inverses): the
+  ``n = C / 16`` diagonal blocks are inverted by ``torch.linalg.solve_triangular``
+  (``n · 16² · 15`` FLOPs), which FlopCounterMode does not count (it is not in
+  ``torch.utils.flop_counter.flop_registry``), so it is reported apart as ``uncounted``; the
+  rest is products (``n (n + 1) 16² (K + V)``, counted). The backward of each block inverse is a
+  second triangular solve (uncounted) and one ``16 x 16 x 16`` product.
 * exponentials: channel decay takes two per token and channel (``exp(G_i - s_p)``,
   ``exp(e_p - G_j)`` from sub-block sums) and a few per sub-block; start factors are shared by
-  the rows of one kind.
+  the rows of one kind (general ``a`` rows read the same factor shifted by one token).
 * ``state``: each chunk as an affine map ``S_next = T S + H`` (``T = Diag + Bᵀ W``, ``K x K``),
   so the loop is one ``K x K`` by ``K x V`` product per chunk; ``T`` costs ``2 K² C`` more than
   applying ``W`` and ``Bᵀ`` to the state directly (equal at ``K = C``).

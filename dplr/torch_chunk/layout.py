@@ -11,6 +11,7 @@ Equal-length batches and packed variable-length batches go through the same code
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -64,24 +65,46 @@ class ChunkLayout:
             dense=(batch, seq_len // chunk_size) if whole else None,
         )
 
-    def gather(self, x: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-        """``[B, T, heads, *rest]`` → ``[M, heads, C, *rest]`` in ``dtype``, zeros in padding.
+    def parts(self, max_chunks: int) -> list[tuple[slice, ChunkLayout]]:
+        """Consecutive runs of whole steps, each of at most ``max_chunks`` chunks (or one step):
+        ``(rows, layout)`` with ``rows`` the run's chunks (step-major, so a slice) and ``layout`` the
+        run as a layout of its own (its ``steps``, the same ``order``), for the state pass to go on
+        from where the run before it stopped. Always at least one part (it may have no chunks)."""
+        parts, start, first = [], 0, 0
+        for step in range(len(self.steps) + 1):
+            end = start + sum(self.steps[first:step])
+            close = step == len(self.steps) or (step > first and end + self.steps[step] - start > max_chunks)
+            if close and (step > first or not parts):
+                rows = slice(start, end)
+                steps = self.steps[first:step]
+                parts.append((rows, dataclasses.replace(self, token_index=self.token_index[rows], steps=steps)))
+                start, first = end, step
+        return parts
+
+    def gather(self, x: torch.Tensor | None, dtype: torch.dtype, rows: slice | None = None) -> torch.Tensor | None:
+        """``[B, T, heads, *rest]`` → ``[M, heads, C, *rest]`` in ``dtype``, zeros in padding; with
+        ``rows`` (a slice of whole steps, see :meth:`parts`) those chunks only.
 
         A stride-0 (time-invariant) input stays a stride-0 view on the dense path, in either
-        dtype; the indexed path copies it (its padding slot needs a row of zeros)."""
+        dtype; the indexed path copies it (its padding slots need zeros)."""
         if x is None:
             return None
-        x = _cast(x, dtype)
         # The chunks are made contiguous once here: every later product would otherwise copy
         # its permuted operands (matmul folds [M, heads] into one batch dimension).
         if self.dense is not None:  # step-major chunks of equal rows: one permuted copy
             B, n = self.dense
             chunks = x.reshape(B, n, self.chunk_size, *x.shape[2:]).transpose(0, 1).movedim(2, 3)
-            chunks = chunks.reshape(B * n, *chunks.shape[2:])
+            if rows is not None:  # whole steps: B chunks each
+                chunks = chunks[rows.start // B : rows.stop // B]
+            chunks = _cast(chunks, dtype)
+            chunks = chunks.reshape(-1, *chunks.shape[2:])
             return chunks if 0 in chunks.stride() else chunks.contiguous()
         flat = x.reshape(self.num_tokens, *x.shape[2:])
-        padded = torch.cat([flat, flat.new_zeros(1, *flat.shape[1:])])
-        return padded[self.token_index].movedim(1, 2).contiguous()
+        index = self.token_index if rows is None else self.token_index[rows]
+        padding = (index >= self.num_tokens).view(*index.shape, *[1] * (flat.dim() - 1))
+        # Padding slots read the last token and are zeroed (no copy of the whole input with a zero row).
+        picked = flat[index.clamp(max=max(self.num_tokens - 1, 0))].masked_fill(padding, 0)
+        return _cast(picked.movedim(1, 2), dtype).contiguous()
 
     def scatter(self, y: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         """``[M, heads, C, D]`` → ``[B, T, heads, D]``; padding slots are dropped."""

@@ -53,40 +53,43 @@ def pseudo_values(
         system = intra.A_kk * beta[..., :, None]
         right = v if columns is None else torch.eye(C, dtype=v.dtype, device=v.device).expand_as(system)
         # W solves for -beta k_start: the sign goes into the right-hand side, not a pass over W.
-        rhs = torch.cat([intra.k_start * -beta[..., None], right * beta[..., None]], dim=-1)
+        rhs = (intra.k_start * -beta[..., None], right * beta[..., None])
     else:
         system, sign = intra.A_ab, -1.0  # I - A_ab: the sign rides on the solve, not a pass over A_ab
-        rhs = torch.cat([intra.a_start, intra.A_ak @ v if columns is None else intra.A_ak], dim=-1)
-    solved = unit_lower_solve(system, rhs, sign=sign)
-    K = intra.k_end.shape[-1]
-    U = solved[..., K:] if columns is None else columns.product(solved[..., K:], v)
-    return Pseudo(W=solved[..., :K], U=U)
+        rhs = (intra.a_start, intra.A_ak @ v if columns is None else intra.A_ak)
+    W, U = unit_lower_solve(system, rhs, sign=sign)
+    return Pseudo(W=W, U=U if columns is None else columns.product(U, v))
 
 
-def unit_lower_solve(N: torch.Tensor, rhs: torch.Tensor, *, sign: float = 1.0) -> torch.Tensor:
-    """``(I + sign · N)⁻¹ rhs`` for strictly lower-triangular ``N [.., C, C]``, ``rhs [.., C, R]``, ``sign = ±1``.
+def unit_lower_solve(N: torch.Tensor, rhs: tuple[torch.Tensor, ...], *, sign: float = 1.0) -> tuple[torch.Tensor, ...]:
+    """``(I + sign · N)⁻¹ R`` for strictly lower-triangular ``N [.., C, C]``, each ``R [.., C, r]`` of
+    ``rhs``, ``sign = ±1``.
 
     Forward substitution by blocks of ``BLOCK`` tokens: the diagonal blocks are inverted by the
     triangular solver (exact substitution, no growth from a series), everything else is batched
     products. A CPU's LAPACK solves many small ``C x C`` systems one at a time, each at a few
-    GFLOP/s; this way most of the work runs as matrix products."""
-    C, R = N.shape[-1], rhs.shape[-1]
+    GFLOP/s; this way most of the work runs as matrix products. The right-hand sides share the
+    blocks' inverses but are solved apart: no ``[C, K + V]`` concatenation in and out (on a CPU
+    every fresh page costs a fault, and each solution comes out contiguous for the state pass)."""
+    C = N.shape[-1]
     b = BLOCK if C % BLOCK == 0 else C
     n = C // b
-    lead = rhs.shape[:-2]
-    N, rhs = N.reshape(-1, C, C), rhs.reshape(-1, C, R)
+    N = N.reshape(-1, C, C)
     diagonal = N.view(-1, n, b, n, b).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)  # [.., n, b, b]
     if sign < 0:
         diagonal = -diagonal  # the diagonal blocks alone (1/n of N)
     eye = torch.eye(b, dtype=N.dtype, device=N.device).expand_as(diagonal)
     # unitriangular: the solver reads the strictly lower part only (the identity is implied).
     inverse = torch.linalg.solve_triangular(diagonal, eye, upper=False, unitriangular=True)
-    solved = []  # the solution's blocks (one concatenation at the end, not one per block)
-    for p in range(n):
-        rows = slice(p * b, (p + 1) * b)
-        block = rhs[:, rows]
-        for q, x in enumerate(solved):
-            block = torch.baddbmm(block, N[:, rows, q * b : (q + 1) * b], x, alpha=-sign)
-        solved.append(inverse[:, p] @ block)
-    solved = torch.cat(solved, dim=1)
-    return solved.view(*lead, C, R)
+    out = []
+    for R in rhs:
+        lead, flat = R.shape[:-2], R.reshape(-1, C, R.shape[-1])
+        solved = []  # the solution's blocks (one concatenation at the end, not one per block)
+        for p in range(n):
+            rows = slice(p * b, (p + 1) * b)
+            block = flat[:, rows]
+            for q, x in enumerate(solved):
+                block = torch.baddbmm(block, N[:, rows, q * b : (q + 1) * b], x, alpha=-sign)
+            solved.append(inverse[:, p] @ block)
+        out.append(torch.cat(solved, dim=1).view(*lead, C, R.shape[-1]))
+    return tuple(out)
