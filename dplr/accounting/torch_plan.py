@@ -18,6 +18,8 @@ How the PyTorch path differs from the ideal plan of :mod:`dplr.accounting.model`
   ``torch.utils.flop_counter.flop_registry``), so it is reported apart as ``uncounted``; the
   rest is products (``n (n + 1) 16² (K + V)``, counted). The backward of each block inverse is a
   second triangular solve (uncounted) and one ``16 x 16 x 16`` product.
+* ``cumsum``: channel decay sums each sub-block of ``SUB`` tokens by one product with a 0/1
+  ``[2 SUB, SUB]`` matrix (prefixes and suffixes), ``4 SUB C K`` FLOPs per chunk, counted.
 * exponentials: channel decay takes two per token and channel (``exp(G_i - s_p)``,
   ``exp(e_p - G_j)`` from sub-block sums) and a few per sub-block; start factors are shared by
   the rows of one kind (general ``a`` rows read the same factor shifted by one token).
@@ -68,6 +70,8 @@ def torch_plan(transition: Transition, *, chunks: int, heads: int, C: int, K: in
     else:
         intra_exps = 0
     state_exps = {Decay.NONE: 0, Decay.SCALAR: 1, Decay.CHANNEL: K}[decay]
+    # channel decay: each sub-block's prefix and suffix sums as one [2 sub, sub] x [sub, K] product.
+    cumsum = 4 * min(SUB, C) * C * K if decay is Decay.CHANNEL else 0
 
     R = K + V  # right-hand sides of the solve
     b = BLOCK if C % BLOCK == 0 else C
@@ -90,7 +94,7 @@ def torch_plan(transition: Transition, *, chunks: int, heads: int, C: int, K: in
         return PlanStage(n * fwd, n * (2 * fwd + bwd_extra), n * uncounted, n * uncounted, n * exps)
 
     return dict(
-        cumsum=stage(0),
+        cumsum=stage(cumsum, bwd_extra=-cumsum),  # the backward's one product: the 0/1 matrix takes no gradient
         intra=stage(intra, exps=intra_exps),
         solve=stage(solve, bwd_extra=block_grad, uncounted=triangular),
         state=stage(state, exps=state_exps),
