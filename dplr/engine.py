@@ -72,14 +72,16 @@ def chunk_fwd(problem: Problem, *, chunk_size: int) -> tuple[torch.Tensor, torch
     stages' per-chunk tensors are held for one part at a time, not for the whole sequence. On a
     CPU that keeps them in cache and keeps the forward's peak memory low (every fresh page the
     allocator maps, or maps again after the kernel reclaimed it, is a page fault costing about
-    as much as a pass of arithmetic over it)."""
+    as much as a pass of arithmetic over it). On a GPU the whole sequence is one part: there a
+    part costs a dozen kernel launches per stage, and the card's memory is not paged out."""
     p, dtype, HV = problem, problem.compute_dtype, problem.v.shape[2]
     B, T = p.q.shape[:2]
     layout = ChunkLayout.build(batch=B, seq_len=T, cu_seqlens=p.cu_seqlens, chunk_size=chunk_size, device=p.q.device)
     K, V = p.q.shape[-1], p.v.shape[-1]
     per_chunk = HV * chunk_size * max(K, V, chunk_size)  # elements of a stage tensor per chunk
+    part_chunks = max(1, PART_ELEMENTS // per_chunk) if p.q.device.type == "cpu" else max(1, layout.num_chunks)
     state, outs = p.start_state(), []
-    for rows, part in layout.parts(max(1, PART_ELEMENTS // per_chunk)):
+    for rows, part in layout.parts(part_chunks):
         o, state = _chunk_part(
             p.transition,
             layout=part,
