@@ -11,6 +11,9 @@ from dplr.testing import float_tensors, op, reference, rel_err
 # Tolerances of DESIGN §6, relative norm against the fp64 reference.
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 5e-3, torch.float16: 5e-3}
 
+# The ops that take a value-side decay ``gv``, and the name of each one's key-side gate.
+VALUE_DECAY_GATE = {"gla": "g", "kda": "g", "dplr_delta_rule": "gk"}
+
 
 def run_and_compare(name: str, mode: str, args: dict, tol: float, *, grads: bool = True) -> dict:
     """Run ``op(name, mode)(**args)`` and the fp64 reference; assert every output and gradient

@@ -18,10 +18,9 @@ from dplr.reference import recurrence
 from dplr.testing import MODES, float_tensors, make_inputs, op
 from dplr.torch_recurrent import recurrent_fwd
 from dplr.transition import ALL_TRANSITIONS, Decay, LowRank, to_general
-from tests.helpers import TOL, assert_chaining, assert_packed_equals_separate, run_and_compare
+from tests.helpers import TOL, VALUE_DECAY_GATE, assert_chaining, assert_packed_equals_separate, run_and_compare
 
-NAMES = ["gla", "kda", "dplr_delta_rule"]
-GATE = {"gla": "g", "kda": "g", "dplr_delta_rule": "gk"}
+NAMES = list(VALUE_DECAY_GATE)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
@@ -43,7 +42,7 @@ def test_strong_gates(name, mode, gates):
     args = make_inputs(name, B=1, T=70, H=1, HV=2, K=16, V=16, dtype=torch.float32, gate="strong", value_decay=True)
     mild = make_inputs(name, B=1, T=70, H=1, HV=2, K=16, V=16, dtype=torch.float32, value_decay=True)
     if gates == "value":
-        args[GATE[name]] = mild[GATE[name]]
+        args[VALUE_DECAY_GATE[name]] = mild[VALUE_DECAY_GATE[name]]
     elif gates == "key":
         args["gv"] = mild["gv"]
     run_and_compare(name, mode, args, TOL[torch.float32])
@@ -129,7 +128,7 @@ def test_gradcheck(name, mode):
         return tuple(op(name, mode)(**dict(args, **dict(zip(names, tensors, strict=True))), output_final_state=True))
 
     inputs = tuple(args[n].detach().clone().requires_grad_(True) for n in names)
-    for gate in (GATE[name], "gv"):  # strictly negative under the finite-difference steps
+    for gate in (VALUE_DECAY_GATE[name], "gv"):  # strictly negative under the finite-difference steps
         inputs[names.index(gate)].data.clamp_(max=-0.05)
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
 

@@ -12,6 +12,7 @@ import torch
 
 TRITON = importlib.util.find_spec("triton") is not None
 INTERPRET = not torch.cuda.is_available()
+DEVICE = "cpu" if INTERPRET else "cuda"  # where the tests put their tensors
 
 if TRITON and INTERPRET:
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -12,14 +12,7 @@ pytest.importorskip("triton")
 from dplr.testing import make_inputs
 from dplr.transition import FAMILIES
 from tests.helpers import TOL, run_and_compare
-from tests.triton import INTERPRET
-
-DEVICE = "cpu" if INTERPRET else "cuda"
-
-
-@pytest.fixture(autouse=True)
-def _triton_backend(monkeypatch):
-    monkeypatch.setenv("DPLR_BACKEND", "triton")
+from tests.triton import DEVICE
 
 
 def check(name: str, chunk_size: int, **shape) -> dict:

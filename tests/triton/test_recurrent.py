@@ -22,15 +22,9 @@ from dplr.transition import FAMILIES
 from dplr.triton import recurrent
 from tests.helpers import TOL, run_and_compare
 from tests.test_decode import check_decode
-from tests.triton import INTERPRET
+from tests.triton import DEVICE, INTERPRET
 
 FAMILY_NAMES = list(FAMILIES)
-DEVICE = "cpu" if INTERPRET else "cuda"
-
-
-@pytest.fixture(autouse=True)
-def _triton_backend(monkeypatch):
-    monkeypatch.setenv("DPLR_BACKEND", "triton")
 
 
 def _run(name: str, args: dict, tol: float, *, grads: bool = True) -> dict:

@@ -11,18 +11,11 @@ pytest.importorskip("triton")
 
 from dplr.testing import make_inputs
 from dplr.triton import recurrent
-from tests.helpers import TOL, run_and_compare
+from tests.helpers import TOL, VALUE_DECAY_GATE, run_and_compare
 from tests.test_decode import check_decode
-from tests.triton import INTERPRET
+from tests.triton import DEVICE
 
-NAMES = ["gla", "kda", "dplr_delta_rule"]
-GATE = {"gla": "g", "kda": "g", "dplr_delta_rule": "gk"}
-DEVICE = "cpu" if INTERPRET else "cuda"
-
-
-@pytest.fixture(autouse=True)
-def _triton_backend(monkeypatch):
-    monkeypatch.setenv("DPLR_BACKEND", "triton")
+NAMES = list(VALUE_DECAY_GATE)
 
 
 def _run(name: str, args: dict, tol: float) -> dict:
@@ -56,7 +49,7 @@ def test_strong_gates(name, gates):
     """-30..-60 per step on the columns (and the rows): finite and exact in fp32."""
     args = make_inputs(name, B=1, T=6, H=1, K=16, V=8, gate="strong", value_decay=True)
     if gates == "value":
-        args[GATE[name]] = make_inputs(name, B=1, T=6, H=1, K=16, V=8)[GATE[name]]
+        args[VALUE_DECAY_GATE[name]] = make_inputs(name, B=1, T=6, H=1, K=16, V=8)[VALUE_DECAY_GATE[name]]
     _run(name, args, TOL[torch.float32])
 
 

@@ -11,17 +11,10 @@ import torch
 pytest.importorskip("triton")
 
 from dplr.testing import make_inputs, op
-from tests.helpers import TOL, run_and_compare
-from tests.triton import INTERPRET
+from tests.helpers import TOL, VALUE_DECAY_GATE, run_and_compare
+from tests.triton import DEVICE
 
-NAMES = ["gla", "kda", "dplr_delta_rule"]
-GATE = {"gla": "g", "kda": "g", "dplr_delta_rule": "gk"}
-DEVICE = "cpu" if INTERPRET else "cuda"
-
-
-@pytest.fixture(autouse=True)
-def _triton_backend(monkeypatch):
-    monkeypatch.setenv("DPLR_BACKEND", "triton")
+NAMES = list(VALUE_DECAY_GATE)
 
 
 def check(name: str, chunk_size: int, args: dict) -> dict:
