@@ -428,11 +428,16 @@ def main() -> int:
         print("pytest tests/triton/test_chunk.py:", result["pytest"], f"({time.time() - started:.0f}s)", flush=True)
 
     failed = [r for r in result["correctness"] if not r["passed"]]
-    if not shapes:
-        path = out_dir / f"gpu_chunk_check_{slug}.json"
+    verdict = f"correctness: {len(result['correctness']) - len(failed)}/{len(result['correctness'])} passed"
+    path = out_dir / f"gpu_chunk_{slug if shapes else 'check_' + slug}.json"
+
+    def save():
         result["seconds"] = time.time() - started
         path.write_text(json.dumps(result, indent=1))
-        print(f"correctness: {len(result['correctness']) - len(failed)}/{len(result['correctness'])} passed")
+
+    if not shapes:  # the correctness pass alone
+        save()
+        print(verdict)
         return 1 if failed else 0
 
     rates = measure_device("h200" if "H200" in card else "h100")
@@ -443,13 +448,7 @@ def main() -> int:
     fla = None if ns.no_fla else load_fla()
     if fla is not None and ns.fla_families is not None:
         fla = {name: fn for name, fn in fla.items() if name in ns.fla_families.split(",")}
-    path = out_dir / f"gpu_chunk_{slug}.json"
     result["speed"] = []
-
-    def save():
-        result["seconds"] = time.time() - started
-        path.write_text(json.dumps(result, indent=1))
-
     save()
     for index in shapes:  # shape by shape, so that a run cut short keeps whole shapes
         speed(families, [index], fla, rates, False, result["speed"], save, profile=ns.profile)
@@ -466,7 +465,7 @@ def main() -> int:
             f"{r.get('fla_ms', math.nan):8.3f} {r.get('speedup', math.nan):6.2f} "
             f"{100 * r.get('fraction_of_fused_floor', math.nan):6.1f}%"
         )
-    print(f"correctness: {len(result['correctness']) - len(failed)}/{len(result['correctness'])} passed")
+    print(verdict)
     if result.get("pytest"):
         print("pytest:", result["pytest"])
     return 1 if failed else 0
