@@ -78,11 +78,13 @@ def _backend(x: torch.Tensor, *, value_decay: bool) -> str:
     backend = settings.backend()
     triton_found = importlib.util.find_spec("triton") is not None
     if backend == "auto":
-        if value_decay and triton_found and x.is_cuda:  # gv runs on the kernel once it passed a GPU check
-            from .triton import recurrent
+        if not (x.is_cuda and triton_found):
+            return "torch"
+        if value_decay:  # gv runs on the kernel once it passed a GPU check
+            from . import triton as triton_path
 
-            return "triton" if recurrent.VALUE_DECAY_CHECKED_ON_GPU else "torch"
-        return "triton" if x.is_cuda and triton_found else "torch"
+            return "triton" if triton_path.value_decay_checked(triton_path.RECURRENT_CHUNK) else "torch"
+        return "triton"
     if backend == "triton" and not triton_found:
         raise RuntimeError("DPLR_BACKEND=triton, but triton does not import")
     return backend
