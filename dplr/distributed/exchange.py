@@ -175,16 +175,15 @@ def _tf32_matmuls(tokens: torch.Tensor, carry: torch.Tensor) -> contextlib.Abstr
 def _matmul_precision(precision: str):
     matmul = torch.backends.cuda.matmul
     if hasattr(matmul, "fp32_precision"):  # torch >= 2.9
-        previous, matmul.fp32_precision = matmul.fp32_precision, precision
+        name, value = "fp32_precision", precision
     else:
-        previous, matmul.allow_tf32 = matmul.allow_tf32, precision == "tf32"
+        name, value = "allow_tf32", precision == "tf32"
+    previous = getattr(matmul, name)
+    setattr(matmul, name, value)
     try:
         yield
     finally:
-        if hasattr(matmul, "fp32_precision"):
-            matmul.fp32_precision = previous
-        else:
-            matmul.allow_tf32 = previous
+        setattr(matmul, name, previous)
 
 
 def _collect_finals(plan: Plan, group, here: torch.Tensor) -> torch.Tensor:
