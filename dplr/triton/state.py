@@ -36,6 +36,19 @@ def _mm(x, y, PREC: tl.constexpr):
 
 
 @triton.jit
+def _widen(x, VALUE_DECAY: tl.constexpr):
+    """A tile that meets the state in :func:`_mm`, widened to fp32 under a value decay (so its
+    products run on tf32). Triton 3.6's sm_90 code for the 16-bit products of the gv state
+    passes reads past the block's shared memory (compute-sanitizer on an H200, GLA and KDA in
+    bf16, K = V = 128: "Invalid __shared__ read of size 1024 bytes" in these products, at value
+    blocks of 16 and 32), while the same kernels with fp32 operands run clean. The tiles hold
+    16-bit values, which tf32 represents exactly, so only ``S`` is rounded later than before."""
+    if VALUE_DECAY:
+        return x.to(tl.float32)
+    return x
+
+
+@triton.jit
 def _state_offsets(row, hv, kk, vcols, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr):
     """Offsets of the ``[KP, BV]`` tile ``(kk, vcols)`` of state ``(row, hv)`` in ``[.., HV, K, V]``."""
     return ((row * HV + hv) * K + kk[:, None]).to(tl.int64) * V + vcols[None, :]
@@ -76,8 +89,8 @@ def chunk_state_kernel(
         if STORE_STATES:  # the chunk's initial state, for the backward
             chunk_state = _state_offsets(chunk0 + c, hv, kk, vcols, HV, K, V)
             tl.store(STATES + chunk_state, S, mask=state_mask)
-        q_start = _load_rows(Q_START + hv * K, row0, i, valid, HV * K, kk, K)
-        k_end = _load_rows(K_END + hv * K, row0, i, valid, HV * K, kk, K)
+        q_start = _widen(_load_rows(Q_START + hv * K, row0, i, valid, HV * K, kk, K), VALUE_DECAY)
+        k_end = _widen(_load_rows(K_END + hv * K, row0, i, valid, HV * K, kk, K), VALUE_DECAY)
         A_qk = _load_rows(A_QK + hv * C, row0, i, valid, HV * C, i, C)
         v_c = _load_rows(v + hv * V, row0, i, valid, HV * V, vcols, V)
         if VALUE_DECAY:
@@ -85,7 +98,7 @@ def chunk_state_kernel(
             GV = GV_CUM + hv * V
             start_v, end_v, chunk_v = column_ends(GV, row0, n_c, vcols, HV * V, V, C)
         if LOWRANK != LOWRANK_NONE:
-            x_c = _load_rows(X_START + hv * K, row0, i, valid, HV * K, kk, K)
+            x_c = _widen(_load_rows(X_START + hv * K, row0, i, valid, HV * K, kk, K), VALUE_DECAY)
             m_c = _load_rows(M_SOLVE + hv * C, row0, i, valid, HV * C, i, C)
             if LOWRANK == LOWRANK_TIED:
                 beta_c = tl.load(beta + (row0 + i) * HV + hv, mask=valid, other=0.0).to(tl.float32)
@@ -141,7 +154,7 @@ def chunk_state_kernel(
         else:
             S += _mm(tl.trans(k_end), v_c, PREC)
         if LOWRANK == LOWRANK_GENERAL:
-            b_end = _load_rows(B_END + hv * K, row0, i, valid, HV * K, kk, K)
+            b_end = _widen(_load_rows(B_END + hv * K, row0, i, valid, HV * K, kk, K), VALUE_DECAY)
             S += _mm(tl.trans(b_end), P, PREC)
 
     if STORE_HT:
@@ -195,7 +208,7 @@ def chunk_state_bwd_kernel(
         do_c = (_load_rows(do + hv * V, row0, i, valid, HV * V, vcols, V).to(tl.float32) * scale).to(
             do.dtype.element_ty
         )
-        q_start = _load_rows(Q_START + hv * K, row0, i, valid, HV * K, kk, K)
+        q_start = _widen(_load_rows(Q_START + hv * K, row0, i, valid, HV * K, kk, K), VALUE_DECAY)
         if VALUE_DECAY:
             n_c = tl.minimum(length - c * C, C)
             GV = GV_CUM + hv * V
@@ -204,14 +217,14 @@ def chunk_state_bwd_kernel(
         else:
             carry = _mm(tl.trans(q_start), do_c, PREC)
         if LOWRANK != LOWRANK_NONE:
-            x_c = _load_rows(X_START + hv * K, row0, i, valid, HV * K, kk, K)
+            x_c = _widen(_load_rows(X_START + hv * K, row0, i, valid, HV * K, kk, K), VALUE_DECAY)
             m_c = _load_rows(M_SOLVE + hv * C, row0, i, valid, HV * C, i, C)
             if LOWRANK == LOWRANK_TIED:
                 A_read = _load_rows(A_QK + hv * C, row0, i, valid, HV * C, i, C)
-                write = _load_rows(K_END + hv * K, row0, i, valid, HV * K, kk, K)
+                write = _widen(_load_rows(K_END + hv * K, row0, i, valid, HV * K, kk, K), VALUE_DECAY)
             else:
                 A_read = _load_rows(A_QB + hv * C, row0, i, valid, HV * C, i, C)
-                write = _load_rows(B_END + hv * K, row0, i, valid, HV * K, kk, K)
+                write = _widen(_load_rows(B_END + hv * K, row0, i, valid, HV * K, kk, K), VALUE_DECAY)
             if VALUE_DECAY:
                 dP, _, _ = column_product_bwd(A_read, do_c, do_c, GV, row0, n_c, vcols, HV * V, V,
                                               C, MERGES, PREC, False)  # fmt: skip
