@@ -454,6 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (the default without a GPU)")
     parser.add_argument("--out", type=Path, help="JSON path (default: results/gpu_recurrent_<card>.json)")
+    parser.add_argument("--check-only", action="store_true", help="the correctness checks only, no timing")
     ns = parser.parse_args(argv)
     cfg = TINY if ns.tiny or not CUDA else FULL
     device = torch.device("cuda" if CUDA else "cpu")
@@ -477,6 +478,8 @@ def main(argv: list[str] | None = None) -> int:
                  ("untouched_exact", "untouched bit-exact", ""), ("ok", "ok", "")])  # fmt: skip
     failed = {r["family"] for r in ops + decodes if not r["ok"]}
     timed = [name for name in TIMED if name not in failed]
+    if ns.check_only:
+        timed = []
 
     progress("(a) chunk vs recurrent")
     scan = bench_scan(device, cfg["scan"], timed)

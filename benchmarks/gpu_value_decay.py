@@ -234,6 +234,8 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true", help="CPU, TRITON_INTERPRET=1, fp32, tiny shapes")
     ap.add_argument("--variants", default="", help=f"state-pass launch variants to time too: {','.join(VARIANTS)}")
     ap.add_argument("--no-pytest", action="store_true")
+    ap.add_argument("--check-only", action="store_true", help="correctness only (several can run side by side)")
+    ap.add_argument("--speed-only", action="store_true", help="timing only, after a --check-only run passed")
     ap.add_argument("--stages", action="store_true", help="only run each launch alone, to name one that faults")
     ap.add_argument(
         "--out", default=None, help="results directory (default benchmarks/results; a temporary one for --smoke)"
@@ -263,9 +265,13 @@ def main() -> int:
         rows = stages(families, device)
         path.write_text(json.dumps(dict(result, stages=rows), indent=1))
         return 0 if all(r["passed"] for r in rows) else 1
-    print("correctness against the fp64 reference:", flush=True)
-    result["correctness"] = correctness(families, device, ns.smoke)
-    if not ns.smoke and not ns.no_pytest:
+    if ns.check_only and ns.speed_only:
+        ap.error("--check-only and --speed-only exclude each other")
+    result["correctness"] = []
+    if not ns.speed_only:
+        print("correctness against the fp64 reference:", flush=True)
+        result["correctness"] = correctness(families, device, ns.smoke)
+    if not ns.smoke and not ns.no_pytest and not ns.speed_only:
         test = subprocess.run(
             [sys.executable, "-m", "pytest", "-q", "tests/triton/test_value_decay.py"],
             cwd=ROOT, capture_output=True, text=True,
@@ -275,6 +281,11 @@ def main() -> int:
         print("pytest tests/triton/test_value_decay.py:", result["pytest"]["summary"], flush=True)
     print(f"({time.time() - started:.0f}s)", flush=True)
 
+    if ns.check_only:
+        failed = [r for r in result["correctness"] if not r["passed"]]
+        path.write_text(json.dumps(result, indent=1))
+        print(f"correctness: {len(result['correctness']) - len(failed)}/{len(result['correctness'])} passed; {path}")
+        return 1 if failed or result.get("pytest", {}).get("returncode") else 0
     shape = (1, 64, 1, 16) if ns.smoke else SHAPE
     print(f"speed, (B, T, H, K = V) = {shape}, {'fp32 (interpreter)' if ns.smoke else 'bf16'}:", flush=True)
     result["speed"] = speed(families, shape, variants, device)
