@@ -110,12 +110,17 @@ def bench_local(fn, device: torch.device, *, leaves: tuple = ()) -> float:
 # 1. Correctness
 
 
-def check_small(device: torch.device, dtype: torch.dtype, *, T: int, K: int, varlen: bool) -> dict:
-    """A small KDA problem over the group against the fp64 reference, beside one process."""
+def check_small(
+    device: torch.device, dtype: torch.dtype, *, T: int, K: int, varlen: bool, value_decay: bool = False
+) -> dict:
+    """A small KDA problem (with ``gv`` if ``value_decay``) over the group against the fp64
+    reference, beside one process."""
     world, rank = dist.get_world_size(), dist.get_rank()
     total = world * T
     cu = [0, T // 3, T + T // 2, total - 5, total] if varlen else None
-    args = make_inputs("kda", B=1, T=total, H=2, HV=2, K=K, V=K, dtype=dtype, device=device, cu_seqlens=cu)
+    args = make_inputs(
+        "kda", B=1, T=total, H=2, HV=2, K=K, V=K, dtype=dtype, device=device, cu_seqlens=cu, value_decay=value_decay
+    )
     names = float_tensors(args)
     gen = torch.Generator().manual_seed(5)
 
@@ -139,7 +144,7 @@ def check_small(device: torch.device, dtype: torch.dtype, *, T: int, K: int, var
 
     start, stop = rank * T, rank * T + T
     single = run(dplr.chunk_kda, args, 0, total)
-    mine = {n: x[:, start:stop] if n in ("q", "k", "v", "g", "beta") else x for n, x in args.items()}
+    mine = {n: x[:, start:stop] if n in ("q", "k", "v", "g", "beta", "gv") else x for n, x in args.items()}
     if not varlen and rank > 0:
         mine["initial_state"] = None  # one sequence: its initial state lives on the first rank
     split = run(cp.chunk_kda, mine, start, stop)
@@ -166,7 +171,9 @@ def check_small(device: torch.device, dtype: torch.dtype, *, T: int, K: int, var
     everyone = [None] * world
     dist.all_gather_object(everyone, dict(worst=max(split_err.values()), bad=bad))
     return dict(
-        check="kda vs fp64 reference" + (", packed sequences across ranks" if varlen else ""),
+        check="kda vs fp64 reference"
+        + (", packed sequences across ranks" if varlen else "")
+        + (", with gv" if value_decay else ""),
         dtype=str(dtype).replace("torch.", ""),
         single_worst=max(single_err.values()),
         split_worst=max(r["worst"] for r in everyone),
@@ -376,6 +383,10 @@ def main() -> int:
         for dtype in (torch.float32, torch.bfloat16)
         for varlen in (False, True)
     ]
+    # gv: the exchange's value-decayed corrections, in 16 bits (the GPU's Triton products)
+    checks.append(
+        check_small(device, torch.bfloat16, T=size["check_T"], K=size["check_K"], varlen=True, value_decay=True)
+    )
     T, H, K, V, dtype = args.T or size["T"], size["H"], size["K"], size["V"], size["dtype"]
     if T % (world * CHUNK):
         raise SystemExit(f"T={T} must be a multiple of {world} ranks x {CHUNK} tokens")

@@ -67,6 +67,10 @@ TINY = dict(
 TIMED = ("kda", "gated_delta_rule")
 VALUE_DECAY = ("gla", "kda", "dplr_delta_rule")  # the families that take gv
 ROUNDING_BAND = 1e-6  # fp32 rounding of the inputs themselves, relative
+# Triton's fp32 exp on the GPU is exp2(x · log2 e): rounding that product errs by |x| · 2^-24 in
+# the exponent, so a factor exp(x) carries a relative error of about |x| · 2^-24 that PyTorch's
+# exp does not (3.6e-6 at x = -60). The strong gates of the gv checks reach -60 per step.
+EXP_BAND = {"normal": 0.0, "strong": 60 * 2.0**-24}
 
 
 def environment(device: torch.device) -> dict:
@@ -148,7 +152,7 @@ def check_ops(device: torch.device, shape: dict) -> list[dict]:
         torch_row = check_one(name, api.RECURRENT, device=device, dtype=torch.float32, shape=shape | extra, seed=0)
         with_backend("triton")
         row = check_one(name, api.RECURRENT, device=device, dtype=torch.float32, shape=shape | extra, seed=0)
-        row["tolerance"] = 2 * torch_row["error"] + ROUNDING_BAND
+        row["tolerance"] = 2 * torch_row["error"] + ROUNDING_BAND + EXP_BAND[extra.get("gate", "normal")]
         if extra:
             row["variant"] = f"gv, {extra['gate']} gates"
         rows.append(row)

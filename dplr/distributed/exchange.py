@@ -11,6 +11,13 @@ import torch.distributed as dist
 
 from .plan import Plan
 
+try:  # the per-token products as one Triton pass on CUDA (dplr.triton.carry)
+    from ..triton.carry import carry_product
+except ImportError:  # a build without triton: PyTorch alone
+    carry_product = None
+# bf16 x bf16 -> fp32 batched GEMMs (CUDA; torch >= 2.8): exact products summed in fp32
+_BMM_OUT_DTYPE = hasattr(torch.ops.aten.bmm, "dtype")
+
 
 def gather(x: torch.Tensor, group) -> list[torch.Tensor]:
     """Every rank's ``x`` (same shape on all), in rank order: one all-gather."""
@@ -90,7 +97,13 @@ class Exchange(torch.autograd.Function):
         for j in range(plan.rank):
             carry = _advance(parts[j], carry)
 
-        if plan.head:
+        if plan.head and _fused(rest_o, carry):
+            # o = o⁰ + (cᵀ y) ⊙ Q in one pass, written in place of the concatenation below
+            L = head_wide.shape[1]
+            o = rest_o.new_empty(rest_o.shape[0], L + rest_o.shape[1], *rest_o.shape[2:])
+            carry_product(head_wide[..., V:], carry, out=o[:, :L], scale=head_decay, add=head_wide[..., :V])
+            o[:, L:] = rest_o
+        elif plan.head:
             # o = o⁰ + (cᵀ y) ⊙ Q, summed in the state dtype and rounded once to the output's.
             with _tf32_matmuls(rest_o, carry):
                 head = torch.einsum("bthk,bhkv->bthv", head_wide[..., V:].to(carry.dtype), carry)
@@ -123,7 +136,12 @@ class Exchange(torch.autograd.Function):
 
         d_carry = torch.zeros_like(carry)  # ∂L/∂c_r through this rank's own results
         d_head_wide = d_head_decay = d_head_final = d_rest_finals = None
-        if plan.head:
+        fused = plan.head and _fused(d_o, carry)
+        if fused:
+            y, d_head = head_wide[..., V:], d_o[:, :L]
+            d_scaled = d_head if head_decay is None else d_head.to(carry.dtype) * head_decay
+            d_carry = d_carry + _token_sums(y, d_scaled, carry)
+        elif plan.head:
             y = head_wide[..., V:].to(carry.dtype)
             d_head = d_o[:, :L].to(carry.dtype)
             d_scaled = d_head * head_decay if head_decay is not None else d_head
@@ -145,13 +163,42 @@ class Exchange(torch.autograd.Function):
         d_summary = None
         if plan.rank < plan.world - 1:
             d_summary = _summary_grad(own, carry, G)  # c_{r+1} = _advance(summary, c_r)
-        if plan.head:
+        if fused:  # dy = (dO ⊙ Q) c and dQ = dO ⊙ (cᵀ y), written into place
+            d_head_wide = d_o.new_empty(*d_head.shape[:-1], head_wide.shape[-1])
+            d_head_wide[..., :V] = d_head
+            carry_product(d_scaled, carry.transpose(-1, -2), out=d_head_wide[..., V:])
+            if head_decay is not None:
+                d_head_decay = carry_product(y, carry, scale=d_head, out=torch.empty_like(head_decay))
+        elif plan.head:
             with _tf32_matmuls(d_o, carry):
                 if head_decay is not None:
                     d_head_decay = d_head * torch.einsum("bthk,bhkv->bthv", y, carry)
                 d_head_y = torch.einsum("bthv,bhkv->bthk", d_scaled, carry)
             d_head_wide = torch.cat([d_o[:, :L], d_head_y.to(d_o.dtype)], -1)  # o⁰ enters o as it is
         return None, None, d_head_wide, d_head_decay, d_head_final, d_o[:, L:], d_summary, d_rest_finals
+
+
+def _fused(tokens: torch.Tensor, carry: torch.Tensor) -> bool:
+    """Whether the per-token products run as Triton passes (:mod:`dplr.triton.carry`): CUDA,
+    16-bit tokens and an fp32 carry, where the PyTorch form spends more on copies than on math."""
+    return (
+        carry_product is not None
+        and tokens.device.type == "cuda"
+        and tokens.dtype in (torch.bfloat16, torch.float16)
+        and carry.dtype == torch.float32
+    )
+
+
+def _token_sums(y: torch.Tensor, d: torch.Tensor, carry: torch.Tensor) -> torch.Tensor:
+    """``Σ_t y_t d_tᵀ`` per (row, head), in the carry's dtype: ``[rows, L, HV, K]`` and
+    ``[rows, L, HV, V]`` to ``[rows, HV, K, V]``. Two 16-bit operands go straight to a GEMM on
+    their strided views (exact products, fp32 sums); otherwise both are widened first."""
+    if _BMM_OUT_DTYPE and y.dtype == d.dtype and y.dtype in (torch.bfloat16, torch.float16):
+        return torch.stack(
+            [torch.bmm(y[r].permute(1, 2, 0), d[r].transpose(0, 1), out_dtype=carry.dtype) for r in range(y.shape[0])]
+        )
+    with _tf32_matmuls(y, carry):
+        return torch.einsum("bthk,bthv->bhkv", y.to(carry.dtype), d.to(carry.dtype))
 
 
 def _tf32_matmuls(tokens: torch.Tensor, carry: torch.Tensor) -> contextlib.AbstractContextManager:

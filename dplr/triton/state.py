@@ -43,8 +43,8 @@ def _widen(x, VALUE_DECAY: tl.constexpr):
     bf16, K = V = 128: "Invalid __shared__ read of size 1024 bytes" in these products, at value
     blocks of 16 and 32), while the same kernels with fp32 operands run clean. The tiles hold
     16-bit values, which tf32 represents exactly, so only ``S`` is rounded later than before."""
-    if VALUE_DECAY:
-        return x.to(tl.float32)
+    if VALUE_DECAY:  # a constexpr branch: one return, of either type
+        x = x.to(tl.float32)
     return x
 
 
