@@ -31,8 +31,8 @@ def run_and_compare(name: str, mode: str, args: dict, tol: float, *, grads: bool
     errors = {"o": rel_err(o.detach(), ro.detach()), "final_state": rel_err(final.detach(), rfinal.detach())}
     if names:
         gen = torch.Generator().manual_seed(1234)
-        do = torch.randn(ro.shape, generator=gen, dtype=torch.float64)
-        dfinal = torch.randn(rfinal.shape, generator=gen, dtype=torch.float64)
+        do = torch.randn(ro.shape, generator=gen, dtype=torch.float64).to(ro.device)
+        dfinal = torch.randn(rfinal.shape, generator=gen, dtype=torch.float64).to(rfinal.device)
         ((o.double() * do).sum() + (final.double() * dfinal).sum()).backward()
         ((ro * do).sum() + (rfinal * dfinal).sum()).backward()
         for key in names:

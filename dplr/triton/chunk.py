@@ -32,9 +32,13 @@ from .structure import constexprs
 # family, bf16 and fp32, varlen, all gradients, bit-identical across two passes), so
 # DPLR_BACKEND=auto trains on it.
 BACKWARD_CHECKED_ON_GPU = True
-# The value-side decay gv (VALUE_DECAY) passes under TRITON_INTERPRET, but its first GPU run
-# (benchmarks/gpu_value_decay.py on an H200, 2026-11-27) stopped on an illegal memory access:
-# until that script passes, DPLR_BACKEND=auto sends gv calls, forward and backward, to PyTorch.
+# The value-side decay gv (VALUE_DECAY) passes under TRITON_INTERPRET. On an H200 (code 8d0f2be,
+# benchmarks/results/gpu_value_decay_H200_8d0f2be.log) GLA, KDA and DPLR pass in bf16 (packed
+# sequences too) and GLA in fp32 (gates of -60 per step too), after the fix of an out-of-bounds
+# shared-memory read in the 16-bit state passes (dplr.triton.state._widen). The fp32 KDA and DPLR
+# checks did not finish compiling inside that run and tests/triton/test_value_decay.py stopped on
+# a test-helper device bug (since fixed): until both pass, DPLR_BACKEND=auto keeps gv calls on
+# PyTorch.
 VALUE_DECAY_CHECKED_ON_GPU = False
 
 

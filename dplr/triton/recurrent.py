@@ -22,9 +22,11 @@ from .structure import constexprs
 
 MAX_HEAD_DIM = 256
 BACKWARD_CHECKED_ON_GPU = True  # benchmarks/results/gpu_recurrent_H200.log
-# gv (VALUE_DECAY) is checked under TRITON_INTERPRET only: until benchmarks/gpu_recurrent.py's gv
-# checks pass on a GPU, DPLR_BACKEND=auto (and dplr.decode) run gv calls on PyTorch.
-VALUE_DECAY_CHECKED_ON_GPU = False
+# gv (VALUE_DECAY): benchmarks/gpu_recurrent.py's gv checks pass on an H200 (code 8d0f2be,
+# benchmarks/results/gpu_recurrent_nvidia_h200_checks.json: fused_recurrent forward and backward
+# of GLA, KDA and DPLR under normal and -30..-60 gates, and the decode step in both layouts), so
+# DPLR_BACKEND=auto (and dplr.decode) run gv calls on these kernels.
+VALUE_DECAY_CHECKED_ON_GPU = True
 # Tokens between two state checkpoints in the backward: memory T/CK states per head, and a
 # scratch of CK tiles per program for the recomputed segment.
 CHECKPOINT_EVERY = 64
