@@ -205,7 +205,10 @@ VARIANTS = {
     "keys32": dict(BK_keys=32),
     "keys8": dict(warps_keys=8),
     "keys32x8": dict(BK_keys=32, warps_keys=8),
+    "keep": {},  # the default launches, with DPLR_KEEP_INTERMEDIATES=1 (see ENV_VARIANTS)
 }
+# Variants that set environment variables rather than launch configurations.
+ENV_VARIANTS = {"keep": {"DPLR_KEEP_INTERMEDIATES": "1"}}
 
 
 @contextlib.contextmanager
@@ -215,10 +218,17 @@ def backward_variant(name: str):
     chosen = configs.chunk_backward
     if VARIANTS[name]:
         configs.chunk_backward = lambda **kw: dataclasses.replace(chosen(**kw), **VARIANTS[name])
+    saved = {key: os.environ.get(key) for key in ENV_VARIANTS.get(name, {})}
+    os.environ.update(ENV_VARIANTS.get(name, {}))
     try:
         yield
     finally:
         configs.chunk_backward = chosen
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,9 +322,9 @@ def speed(
             for variant in variants if backward else ():
                 try:
                     with backward_variant(variant):
-                        row.setdefault("variants_ms", {})[variant] = bench(
-                            lambda a=args, n=name: op(n, "chunk")(**a), backward=True
-                        )[0]
+                        ms, peak = bench(lambda a=args, n=name: op(n, "chunk")(**a), backward=True)
+                    row.setdefault("variants_ms", {})[variant] = ms
+                    row.setdefault("variants_peak_gib", {})[variant] = peak
                 except Exception as err:
                     print(f"  variant {variant}: {type(err).__name__}: {str(err)[:200]}", flush=True)
                 torch.cuda.empty_cache()

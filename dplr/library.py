@@ -11,8 +11,11 @@ backward kernels, or the PyTorch forward differentiated by autograd.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
+from . import settings
 from .engine import Problem, chunk_fwd
 from .torch_recurrent import recurrent_fwd
 from .transition import Decay, LowRank, Transition
@@ -153,10 +156,47 @@ def _backward(ctx, d_out, d_final):
 recurrence_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _KeepingChunk(torch.autograd.Function):
+    """The Triton chunk op with ``DPLR_KEEP_INTERMEDIATES=1``: its backward reads what the forward
+    kept (:func:`dplr.triton.chunk.forward_keeping`) instead of recomputing it. Eager only: the
+    kept tensors' shapes depend on ``cu_seqlens``, which a fake kernel cannot give."""
+
+    @staticmethod
+    def forward(ctx, problem: Problem, chunk_size: int, *tensors):
+        from .triton import chunk as triton_chunk
+
+        o, final, kept = triton_chunk.forward_keeping(problem, chunk_size)
+        ctx.save_for_backward(*tensors)
+        ctx.problem, ctx.chunk_size, ctx.kept = problem, chunk_size, kept
+        return o.to(problem.v.dtype), final
+
+    @staticmethod
+    def backward(ctx, d_out, d_final):
+        from .triton import chunk as triton_chunk
+
+        problem = dataclasses.replace(ctx.problem, **dict(zip(_INPUTS, ctx.saved_tensors, strict=True)))
+        kept, ctx.kept, ctx.problem = ctx.kept, None, None  # freed with the backward's own references
+        grads = triton_chunk.backward(problem, d_out, d_final, ctx.chunk_size, kept=kept)
+        return (None, None, *grads)
+
+
+def _keeps(problem: Problem, chunk_size: int, backend: str) -> bool:
+    """Whether this call runs :class:`_KeepingChunk`: the Triton chunk kernels, eager, asked
+    for by ``DPLR_KEEP_INTERMEDIATES`` and with a gradient to come."""
+    if backend != "triton" or chunk_size == RECURRENT_CHUNK or torch.compiler.is_compiling():
+        return False
+    tensors = [getattr(problem, name) for name in _INPUTS]
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    return needs_grad and settings.keep_intermediates()
+
+
 def dispatch(problem: Problem, chunk_size: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The PyTorch path in eager mode runs under autograd; everything else goes through the op."""
+    """The PyTorch path in eager mode runs under autograd; everything else goes through the op
+    (or, keeping intermediates, :class:`_KeepingChunk`)."""
     if backend == "torch" and not torch.compiler.is_compiling():
         return run(problem, chunk_size)
+    if _keeps(problem, chunk_size, backend):
+        return _KeepingChunk.apply(problem, chunk_size, *(getattr(problem, name) for name in _INPUTS))
     p = problem
     return recurrence_op(
         p.q, p.k, p.v, p.g, p.beta, p.a, p.b, p.initial_state, p.gv, p.cu_seqlens, p.scale,

@@ -5,6 +5,11 @@
 ``DPLR_CHECK``    ``1`` runs the value checks that need a device sync (gate <= 0 and finite,
                   ``cu_seqlens`` monotone) on GPU tensors too; on CPU they always run.
 ``DPLR_DETERMINISTIC``  ``1`` makes GPU backward passes bit-reproducible (no atomics).
+``DPLR_KEEP_INTERMEDIATES``  ``1`` makes the Triton chunk ops keep their forward's per-chunk
+                  quantities and chunk states for the backward instead of recomputing them there
+                  (eager calls that need a gradient; ``torch.compile`` keeps recomputing). Faster
+                  when memory allows: it holds about ``T·HV·(3K + 2C)`` values beyond the
+                  default, plus a ``K x V`` fp32 state per chunk and value head.
 
 The variables are read on every call (cheap), so tests and users may change them at run time.
 """
@@ -33,3 +38,7 @@ def check_values() -> bool:
 
 def deterministic() -> bool:
     return _flag("DPLR_DETERMINISTIC")
+
+
+def keep_intermediates() -> bool:
+    return _flag("DPLR_KEEP_INTERMEDIATES")

@@ -167,10 +167,17 @@ def prepare(problem: Problem, chunk_size: int, cfg: configs.ChunkForward, *, kee
 
 
 def state_pass(
-    problem: Problem, prep: Prepared, chunk_size: int, cfg: configs.ChunkForward, *, states: torch.Tensor | None = None
+    problem: Problem,
+    prep: Prepared,
+    chunk_size: int,
+    cfg: configs.ChunkForward,
+    *,
+    states: torch.Tensor | None = None,
+    output: bool = True,
 ):
     """Launch 2: every sequence, value head and value block in parallel (stages 4-5). With
-    ``states [NT, HV, K, V]`` it stores every chunk's initial state there and skips the output."""
+    ``states [NT, HV, K, V]`` it also stores every chunk's initial state there; ``output=False``
+    skips the output (the backward's recomputation)."""
     p = problem
     B, T, _, K = p.q.shape
     HV, V = p.v.shape[2], p.v.shape[3]
@@ -185,36 +192,76 @@ def state_pass(
             prep.GV, _tokens(p.v), final if p.beta is None else _tokens(p.beta), o, final if h0 is None else h0, final,
             final if states is None else states, index.seq_bos, index.seq_len, index.seq_chunk0, p.scale,
             HV=HV, K=K, V=V, KP=triton.next_power_of_2(K), C=chunk_size, BV=cfg.BV_state, MERGES=_merges(chunk_size),
-            USE_H0=h0 is not None, STORE_HT=True, STORE_O=states is None, STORE_STATES=states is not None,
+            USE_H0=h0 is not None, STORE_HT=True, STORE_O=output, STORE_STATES=states is not None,
             PREC=cfg.precision, NUM_STAGES=cfg.stages_state,
             num_warps=cfg.warps_state, **_structure(p),
         )  # fmt: skip
     return o, final
 
 
-def backward(problem: Problem, d_out: torch.Tensor, d_final: torch.Tensor | None, chunk_size: int) -> tuple:
-    """Gradients of ``(q, k, v, g, beta, a, b, initial_state, gv)`` (``None`` for absent inputs),
-    each in its input's dtype. Recomputes the forward's per-chunk quantities and every chunk's initial
-    state, then five launches: the state pass backwards (sequential over chunks), the values'
-    gradients and the keys' (per chunk), and the sums over a key head's value heads. The chunk
-    size is the backward's own (see :func:`configs.chunk_backward`): gradients do not depend on it."""
-    p = problem
+class Kept(NamedTuple):
+    """What a forward keeps for its backward (``DPLR_KEEP_INTERMEDIATES=1``): the per-chunk
+    quantities and every chunk's initial state, made at the backward's chunk size."""
+
+    chunk_size: int
+    prep: Prepared
+    states: torch.Tensor  # [NT, HV, K, V] fp32
+
+
+def _backward_configs(p: Problem, chunk_size: int) -> tuple[configs.ChunkBackward, configs.ChunkForward]:
+    """The backward's launch configuration and that of the forward quantities it reads (at its chunk size)."""
     if p.q.dtype == torch.float64:
         raise TypeError("the Triton kernels take fp16, bf16 or fp32 inputs; fp64 runs on the PyTorch path")
+    K, V, lowrank = p.q.shape[3], p.v.shape[3], p.transition.lowrank.value
+    decay = p.transition.decay.value
+    bwd = configs.chunk_backward(K=K, V=V, C=chunk_size, dtype=p.q.dtype, lowrank=lowrank, decay=decay)
+    cfg = configs.chunk_forward(
+        K=K, V=V, C=bwd.C, dtype=p.q.dtype, device=p.q.device, lowrank=lowrank, value_decay=p.transition.value_decay
+    )
+    return bwd, cfg
+
+
+def _chunk_states(p: Problem, prep: Prepared, chunk_size: int, cfg: configs.ChunkForward, *, output: bool):
+    """The state pass that also stores every chunk's initial state: ``(o, final, states)``."""
+    K, HV, V = p.q.shape[3], p.v.shape[2], p.v.shape[3]
+    states = torch.empty(prep.index.num_chunks, HV, K, V, device=p.q.device, dtype=torch.float32)
+    o, final = state_pass(p, prep, chunk_size, cfg, states=states, output=output)
+    return o, final, states
+
+
+def forward_keeping(problem: Problem, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, Kept]:
+    """:func:`forward`, keeping what :func:`backward` would recompute. It runs at the backward's
+    chunk size (see :func:`configs.chunk_backward`: 32 for fp32 inputs or the general form on a
+    GPU), so that what it keeps is what the backward reads; the output does not depend on it."""
+    bwd, cfg = _backward_configs(problem, chunk_size)
+    prep = prepare(problem, bwd.C, cfg, keep_akk=True)
+    o, final, states = _chunk_states(problem, prep, bwd.C, cfg, output=True)
+    return o, final, Kept(bwd.C, prep, states)
+
+
+def backward(
+    problem: Problem, d_out: torch.Tensor, d_final: torch.Tensor | None, chunk_size: int, *, kept: Kept | None = None
+) -> tuple:
+    """Gradients of ``(q, k, v, g, beta, a, b, initial_state, gv)`` (``None`` for absent inputs),
+    each in its input's dtype. Recomputes the forward's per-chunk quantities and every chunk's initial
+    state (or takes them from ``kept``, see :func:`forward_keeping`), then five launches: the state
+    pass backwards (sequential over chunks), the values' gradients and the keys' (per chunk), and
+    the sums over a key head's value heads. The chunk size is the backward's own (see
+    :func:`configs.chunk_backward`): gradients do not depend on it."""
+    p = problem
     B, T, H, K = p.q.shape
     HV, V = p.v.shape[2], p.v.shape[3]
     device, lowrank = p.q.device, p.transition.lowrank
-    bwd = configs.chunk_backward(
-        K=K, V=V, C=chunk_size, dtype=p.q.dtype, lowrank=lowrank.value, decay=p.transition.decay.value
-    )
+    bwd, cfg = _backward_configs(p, chunk_size)
     C = bwd.C
-    cfg = configs.chunk_forward(
-        K=K, V=V, C=C, dtype=p.q.dtype, device=device, lowrank=lowrank.value, value_decay=p.transition.value_decay
-    )
-    prep = prepare(p, C, cfg, keep_akk=True)
+    if kept is None:
+        prep = prepare(p, C, cfg, keep_akk=True)
+        states = _chunk_states(p, prep, C, cfg, output=False)[2]
+    elif kept.chunk_size != C:
+        raise ValueError(f"kept intermediates were made at chunk size {kept.chunk_size}, the backward runs at {C}")
+    else:
+        prep, states = kept.prep, kept.states
     index, NT, structure = prep.index, B * T, _structure(p)
-    states = torch.empty(index.num_chunks, HV, K, V, device=device, dtype=torch.float32)
-    state_pass(p, prep, C, cfg, states=states)
 
     def f32(*shape: int, used: bool = True) -> torch.Tensor:
         return torch.empty(*shape if used else (0,), device=device, dtype=torch.float32)
