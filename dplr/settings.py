@@ -7,9 +7,10 @@
 ``DPLR_DETERMINISTIC``  ``1`` makes GPU backward passes bit-reproducible (no atomics).
 ``DPLR_KEEP_INTERMEDIATES``  ``1`` makes the Triton chunk ops keep their forward's per-chunk
                   quantities and chunk states for the backward instead of recomputing them there
-                  (eager calls that need a gradient; ``torch.compile`` keeps recomputing). Faster
-                  when memory allows: it holds about ``T·HV·(3K + 2C)`` values beyond the
-                  default, plus a ``K x V`` fp32 state per chunk and value head.
+                  (eager calls that need a gradient; ``torch.compile`` keeps recomputing). Each
+                  call then holds until its backward what the backward would otherwise make
+                  there: per token and value head up to ``5K + 4C`` values (the general form;
+                  fewer for the others), plus a ``K x V`` fp32 state per chunk and value head.
 
 The variables are read on every call (cheap), so tests and users may change them at run time.
 """
