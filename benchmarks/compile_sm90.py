@@ -18,13 +18,14 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from dplr.triton.chunk_bwd import chunk_grad_keys_kernel, chunk_grad_values_kernel
+from dplr.triton.columns import chunk_columns_bwd_kernel, chunk_columns_kernel
 from dplr.triton.intra import chunk_prepare_kernel
 from dplr.triton.state import chunk_state_bwd_kernel, chunk_state_kernel
 
 TARGET = GPUTarget("cuda", 90, 32)
 # pointers in the inputs' dtype (the rest are fp32 buffers)
 _BF16 = {"q", "k", "v", "a", "b", "g", "beta", "o", "do", "dv"}
-_BF16 |= {"X_START", "A_AK", "Q_START", "K_END", "B_END", "A_QK", "A_QB"}
+_BF16 |= {"X_START", "A_AK", "Q_START", "K_END", "B_END", "A_QK", "A_QB", "A_READ"}
 LOWRANK_NAMES = {0: "none", 1: "tied", 2: "general"}  # the LOWRANK constexpr's values, by name
 _FP64 = {"GV_CUM"}  # the value side's cumulative decays
 _I64 = {"chunk_bos", "seq_bos"}
@@ -94,27 +95,36 @@ def main() -> None:
                     BK=cfg.BK, DECAY=decay, LOWRANK=lowrank, VALUE_DECAY=vd,
                     PREC=cfg.precision, STORE_AKK=False, NS=1)  # fmt: skip
         k1 = compile_kernel(chunk_prepare_kernel, prep, ns.warps_prepare or cfg.warps_prepare, ns.dtype)
+        merges = ns.C.bit_length() - 1
         state = dict(HV=16, K=ns.K, V=ns.V, KP=triton.next_power_of_2(ns.K), C=ns.C, BV=cfg.BV_state,
-                     MERGES=ns.C.bit_length() - 1, DECAY=decay, LOWRANK=lowrank, VALUE_DECAY=vd,
+                     DECAY=decay, LOWRANK=lowrank, VALUE_DECAY=vd,
                      USE_H0=True, STORE_HT=True, STORE_O=True, STORE_STATES=False,
                      PREC=cfg.precision, NUM_STAGES=cfg.stages_state,
                      NS=cfg.stages_state)  # fmt: skip
         k2 = compile_kernel(chunk_state_kernel, state, cfg.warps_state, ns.dtype)
         label = f"decay={decay} lowrank={lowrank}{' value_decay' if vd else ''}"
         print(f"{label}: prepare [{usage(k1)}]  state [{usage(k2)}]", flush=True)
+        if vd:  # the column products made before the state passes
+            columns = dict(HV=16, V=ns.V, C=ns.C, BV=cfg.BV_columns, MERGES=merges, LOWRANK=lowrank, STORE_O=True,
+                           PREC=cfg.precision, NS=1)  # fmt: skip
+            print(f"  columns [{usage(compile_kernel(chunk_columns_kernel, columns, 4, ns.dtype))}]", flush=True)
         if ns.backward:
-            names = ("HV", "K", "V", "KP", "C", "BV", "MERGES", "DECAY", "LOWRANK", "VALUE_DECAY", "PREC")
+            names = ("HV", "K", "V", "KP", "C", "BV", "DECAY", "LOWRANK", "VALUE_DECAY", "PREC")
             state_bwd = {key: state[key] for key in names}
             state_bwd.update(USE_DHT=True, STORE_DH0=True, NUM_STAGES=cfg.stages_state, NS=cfg.stages_state)
             k3 = compile_kernel(chunk_state_bwd_kernel, state_bwd, cfg.warps_state, ns.dtype)
             bwd = configs.chunk_backward(K=ns.K, V=ns.V, C=ns.C, dtype=dtype, lowrank=LOWRANK_NAMES[lowrank])
             values = dict(HV=16, K=ns.K, V=ns.V, KP=triton.next_power_of_2(ns.K), C=ns.C, BV=bwd.BV_values,
-                          MERGES=state["MERGES"], DECAY=decay, LOWRANK=lowrank, VALUE_DECAY=vd,
+                          MERGES=merges, DECAY=decay, LOWRANK=lowrank, VALUE_DECAY=vd,
                           PREC=cfg.precision, NS=1)  # fmt: skip
             k4 = compile_kernel(chunk_grad_values_kernel, values, bwd.warps_values, ns.dtype)
             keys = {key: prep[key] for key in ("H", "HV", "K", "C", "L", "LEVELS", "BK", "DECAY", "LOWRANK", "PREC")}
             k5 = compile_kernel(chunk_grad_keys_kernel, dict(keys, NS=1), 4, ns.dtype)
             print(f"  backward: state [{usage(k3)}]  values [{usage(k4)}]  keys [{usage(k5)}]", flush=True)
+            if vd and lowrank:
+                columns_bwd = dict(HV=16, V=ns.V, C=ns.C, BV=cfg.BV_columns, MERGES=merges, PREC=cfg.precision, NS=1)
+                k6 = compile_kernel(chunk_columns_bwd_kernel, columns_bwd, 4, ns.dtype)
+                print(f"  backward columns [{usage(k6)}]", flush=True)
 
 
 if __name__ == "__main__":

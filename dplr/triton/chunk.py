@@ -24,6 +24,7 @@ from ..torch_chunk.layout import sequence_spans
 from ..transition import Decay, LowRank
 from . import configs
 from .chunk_bwd import chunk_grad_keys_kernel, chunk_grad_values_kernel
+from .columns import chunk_columns_bwd_kernel, chunk_columns_kernel
 from .intra import chunk_prepare_kernel
 from .state import chunk_state_bwd_kernel, chunk_state_kernel
 from .structure import constexprs
@@ -166,6 +167,51 @@ def prepare(problem: Problem, chunk_size: int, cfg: configs.ChunkForward, *, kee
     return out
 
 
+def value_columns(
+    problem: Problem, prep: Prepared, chunk_size: int, cfg: configs.ChunkForward, *, output: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """With ``gv``: the column-decayed products that do not read the state, every chunk in
+    parallel (:func:`~dplr.triton.columns.chunk_columns_kernel`): ``(U_COL, O_COL)``, each
+    ``[BT, HV, V]`` fp32 (empty when the structure or ``output`` does not need it)."""
+    p, index = problem, prep.index
+    (B, T), HV, V = p.q.shape[:2], p.v.shape[2], p.v.shape[3]
+    lowrank = p.transition.lowrank
+
+    def f32(used: bool) -> torch.Tensor:
+        return torch.empty(B * T if used else 0, HV, V, device=p.q.device, dtype=torch.float32)
+
+    u_col, o_col = f32(lowrank is not LowRank.NONE), f32(output)
+    if index.num_chunks:
+        v = _tokens(p.v)
+        chunk_columns_kernel[(index.num_chunks, HV, triton.cdiv(V, cfg.BV_columns))](
+            prep.M, prep.A_ak, prep.A_qk, prep.A_qb, prep.GV, v, v if p.beta is None else _tokens(p.beta),
+            u_col, o_col, index.chunk_bos, index.chunk_len,
+            HV=HV, V=V, C=chunk_size, BV=cfg.BV_columns, MERGES=_merges(chunk_size),
+            LOWRANK=constexprs(p.transition)["LOWRANK"], STORE_O=output, PREC=cfg.precision, num_warps=4,
+        )  # fmt: skip
+    return u_col, o_col
+
+
+def value_columns_bwd(
+    problem: Problem, prep: Prepared, do: torch.Tensor, chunk_size: int, cfg: configs.ChunkForward
+) -> torch.Tensor:
+    """With ``gv`` and a rank-one part: ``D_COL = (A ∘ F)ᵀ (scale · dO)`` ``[BT, HV, V]`` fp32
+    (``A = A_qk`` tied, ``A_qb`` general) for the state pass backwards, every chunk in parallel
+    (:func:`~dplr.triton.columns.chunk_columns_bwd_kernel`); else an empty stand-in."""
+    p, index = problem, prep.index
+    HV, V = p.v.shape[2], p.v.shape[3]
+    lowrank = p.transition.lowrank
+    used = p.gv is not None and lowrank is not LowRank.NONE
+    d_col = torch.empty(do.shape[0] if used else 0, HV, V, device=do.device, dtype=torch.float32)
+    if used and index.num_chunks:
+        chunk_columns_bwd_kernel[(index.num_chunks, HV, triton.cdiv(V, cfg.BV_columns))](
+            prep.A_qk if lowrank is LowRank.TIED else prep.A_qb, prep.GV, do, d_col,
+            index.chunk_bos, index.chunk_len, p.scale,
+            HV=HV, V=V, C=chunk_size, BV=cfg.BV_columns, MERGES=_merges(chunk_size), PREC=cfg.precision, num_warps=4,
+        )  # fmt: skip
+    return d_col
+
+
 def state_pass(
     problem: Problem,
     prep: Prepared,
@@ -185,13 +231,17 @@ def state_pass(
     o = torch.empty(B, T, HV, V, device=device, dtype=p.v.dtype)
     final = torch.empty(index.num_seqs, HV, K, V, device=device, dtype=torch.float32)
     h0 = None if p.initial_state is None else p.initial_state.to(torch.float32).contiguous()
+    u_col = o_col = final
+    if p.gv is not None:
+        u_col, o_col = value_columns(p, prep, chunk_size, cfg, output=output)
     if index.num_seqs:
         grid = (index.num_seqs, HV, triton.cdiv(V, cfg.BV_state))
         chunk_state_kernel[grid](
             prep.x_start, prep.M, prep.A_ak, prep.q_start, prep.k_end, prep.b_end, prep.A_qk, prep.A_qb, prep.decay_end,
-            prep.GV, _tokens(p.v), final if p.beta is None else _tokens(p.beta), o, final if h0 is None else h0, final,
-            final if states is None else states, index.seq_bos, index.seq_len, index.seq_chunk0, p.scale,
-            HV=HV, K=K, V=V, KP=triton.next_power_of_2(K), C=chunk_size, BV=cfg.BV_state, MERGES=_merges(chunk_size),
+            prep.GV, u_col, o_col, _tokens(p.v), final if p.beta is None else _tokens(p.beta), o,
+            final if h0 is None else h0, final, final if states is None else states,
+            index.seq_bos, index.seq_len, index.seq_chunk0, p.scale,
+            HV=HV, K=K, V=V, KP=triton.next_power_of_2(K), C=chunk_size, BV=cfg.BV_state,
             USE_H0=h0 is not None, STORE_HT=True, STORE_O=output, STORE_STATES=states is not None,
             PREC=cfg.precision, NUM_STAGES=cfg.stages_state,
             num_warps=cfg.warps_state, **_structure(p),
@@ -275,9 +325,10 @@ def backward(
     if index.num_seqs:
         chunk_state_bwd_kernel[(index.num_seqs, HV, triton.cdiv(V, cfg.BV_state))](
             prep.x_start, prep.M, prep.q_start, prep.k_end, prep.b_end, prep.A_qk, prep.A_qb, prep.decay_end, prep.GV,
+            value_columns_bwd(p, prep, do, C, cfg),
             do if beta is None else beta, do, dh0 if d_final is None else d_final.to(torch.float32).contiguous(),
             dh0, d_states, index.seq_bos, index.seq_len, index.seq_chunk0, p.scale,
-            HV=HV, K=K, V=V, KP=KP, C=C, BV=cfg.BV_state, MERGES=_merges(C),
+            HV=HV, K=K, V=V, KP=KP, C=C, BV=cfg.BV_state,
             USE_DHT=d_final is not None, STORE_DH0=True,
             PREC=cfg.precision, NUM_STAGES=cfg.stages_state, num_warps=cfg.warps_state, **structure,
         )  # fmt: skip

@@ -32,7 +32,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .intra import _gather_G
+from .intra import _gather_G, _load_rows, _store_rows
+from .structure import LOWRANK_GENERAL, LOWRANK_NONE, LOWRANK_TIED
 
 
 @triton.jit
@@ -112,3 +113,73 @@ def column_product_bwd(
             dA += tl.where(meet, tl.dot(x_f * dY, tl.trans(Z_f), input_precision=PREC), 0.0)
             dG += dY * x_f * tl.dot(A_m, Z_f, input_precision=PREC) - Z * dZ_l
     return dZ, dA, dG
+
+
+@triton.jit
+def chunk_columns_kernel(
+    M_SOLVE, A_AK, A_QK, A_QB, GV_CUM, v, beta, U_COL, O_COL,
+    chunk_bos, chunk_len,
+    HV: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, MERGES: tl.constexpr,
+    LOWRANK: tl.constexpr, STORE_O: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """The column-decayed products of a chunk that do not read its initial state, one program per
+    (chunk, value head, block of value columns), all chunks in parallel, so that the sequential
+    state pass (:mod:`dplr.triton.state`) is left with plain products:
+
+    * ``U_COL = (N ∘ F) Z``, the part of the pseudo-values ``P = exp(GV) ⊙ (W S) + U`` that
+      the state does not reach (tied: ``N = M``, ``Z = beta ⊙ v``; general: ``N = M A_ak``, ``Z = v``);
+    * with ``STORE_O``, ``O_COL = (A_qk ∘ F) U`` (tied), ``(A_qk ∘ F) v`` (none), or
+      ``(A_qk ∘ F) v + (A_qb ∘ F) U`` (general). The state's share of the output needs no column
+      product: ``(A ∘ F) (exp(GV) ⊙ W S) = exp(GV) ⊙ (A (W S))``, the factors cancelling.
+
+    Both ``[BT, HV, V]`` fp32."""
+    cid = tl.program_id(0)
+    hv = tl.program_id(1)
+    vcols = tl.program_id(2) * BV + tl.arange(0, BV)
+    bos = tl.load(chunk_bos + cid).to(tl.int64)
+    n = tl.load(chunk_len + cid)
+    i = tl.arange(0, C)
+    valid = i < n
+    GV = GV_CUM + hv * V
+    v_c = _load_rows(v + hv * V, bos, i, valid, HV * V, vcols, V).to(tl.float32)
+    U = v_c
+    if LOWRANK != LOWRANK_NONE:
+        m_c = _load_rows(M_SOLVE + hv * C, bos, i, valid, HV * C, i, C).to(tl.float32)
+        if LOWRANK == LOWRANK_TIED:
+            beta_c = tl.load(beta + (bos + i) * HV + hv, mask=valid, other=0.0).to(tl.float32)
+            U = column_product(m_c, beta_c[:, None] * v_c, GV, bos, n, vcols, HV * V, V, C, MERGES, PREC)
+        else:
+            a_ak = _load_rows(A_AK + hv * C, bos, i, valid, HV * C, i, C).to(tl.float32)
+            N = tl.dot(m_c, a_ak, input_precision=PREC)
+            U = column_product(N, v_c, GV, bos, n, vcols, HV * V, V, C, MERGES, PREC)
+        _store_rows(U_COL + hv * V, U, bos, i, valid, HV * V, vcols, V)
+    if STORE_O:
+        A_qk = _load_rows(A_QK + hv * C, bos, i, valid, HV * C, i, C)
+        out = column_product(A_qk, U if LOWRANK == LOWRANK_TIED else v_c, GV, bos, n, vcols, HV * V, V, C, MERGES, PREC)
+        if LOWRANK == LOWRANK_GENERAL:
+            A_qb = _load_rows(A_QB + hv * C, bos, i, valid, HV * C, i, C)
+            out += column_product(A_qb, U, GV, bos, n, vcols, HV * V, V, C, MERGES, PREC)
+        _store_rows(O_COL + hv * V, out, bos, i, valid, HV * V, vcols, V)
+
+
+@triton.jit
+def chunk_columns_bwd_kernel(
+    A_READ, GV_CUM, do, D_COL,
+    chunk_bos, chunk_len, scale,
+    HV: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, MERGES: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """``D_COL = (A ∘ F)ᵀ (scale · dO)`` ``[BT, HV, V]`` fp32 for a lower-triangular ``A [BT, HV, C]``
+    (``A_qk`` tied, ``A_qb`` general): the gradient of the pseudo-values through the output,
+    which the state pass backwards (:func:`~dplr.triton.state.chunk_state_bwd_kernel`) would
+    otherwise form chunk after chunk. One program per (chunk, value head, block of value columns)."""
+    cid = tl.program_id(0)
+    hv = tl.program_id(1)
+    vcols = tl.program_id(2) * BV + tl.arange(0, BV)
+    bos = tl.load(chunk_bos + cid).to(tl.int64)
+    n = tl.load(chunk_len + cid)
+    i = tl.arange(0, C)
+    valid = i < n
+    A = _load_rows(A_READ + hv * C, bos, i, valid, HV * C, i, C)
+    do_c = _load_rows(do + hv * V, bos, i, valid, HV * V, vcols, V).to(tl.float32) * scale
+    D, _, _ = column_product_bwd(A, do_c, do_c, GV_CUM + hv * V, bos, n, vcols, HV * V, V, C, MERGES, PREC, False)
+    _store_rows(D_COL + hv * V, D, bos, i, valid, HV * V, vcols, V)

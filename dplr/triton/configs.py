@@ -17,6 +17,7 @@ import triton
 class ChunkForward:
     BK: int  # channel slice of the per-chunk kernel
     BV_state: int  # value columns per state-pass program
+    BV_columns: int  # value columns per program of the gv column products (dplr.triton.columns)
     warps_prepare: int
     warps_state: int
     stages_state: int  # software pipelining of the state pass over chunks
@@ -58,16 +59,18 @@ def chunk_forward(
     lowrank: str = "tied",
     value_decay: bool = False,
 ) -> ChunkForward:
-    """With ``value_decay`` the state passes hold the column factors of gv beside the state
-    (:mod:`dplr.triton.columns`): value blocks of 16 and no pipelining, whose buffers would
-    have to stage the chunk's fp64 sums once per gather (sm_90, K = V = 128, KDA, forward:
-    313 KiB of shared memory at 3 stages, over Hopper's 227; 2.4 KiB of stack per thread
-    at BV = 32, 1.0 KiB at 16)."""
+    """With ``value_decay`` the state passes take value blocks of 16 and no pipelining. This was
+    chosen while they held the column-decayed products (sm_90, K = V = 128, KDA, forward: 313 KiB
+    of shared memory at 3 stages, over Hopper's 227; 2.4 KiB of stack per thread at BV = 32,
+    1.0 KiB at 16). Those products now run beforehand (:mod:`dplr.triton.columns`). The forward
+    pass is lighter since (560 B of stack at 16, 1.0 KiB at 32, 1.6 KiB at 64, one stage), but
+    wider blocks have not been timed on a GPU yet (``benchmarks/gpu_value_decay.py --variants``)."""
     KP, VP = triton.next_power_of_2(K), triton.next_power_of_2(V)
     BV_state = 16 if value_decay else max(16, min(64, VP, STATE_REGISTER_BUDGET // KP))
     return ChunkForward(
         BK=max(16, min(64, KP)),
         BV_state=BV_state,
+        BV_columns=max(16, min(32, VP)),
         # H200, (4, 8192, 16, 128): 4 warps beat 8 by 1.3-2x unless the general form's five
         # C x C matrices need the registers of 8 (4.0 ms against 5.7 ms).
         warps_prepare=8 if lowrank == "general" and C >= 64 else 4,

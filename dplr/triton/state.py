@@ -10,9 +10,12 @@ Per chunk, with ``X_START, M_SOLVE, K_END, ...`` from :mod:`dplr.triton.intra`:
 * ``S ← exp(G_C) ⊙ S + K_ENDᵀ (P | v) [+ B_ENDᵀ P]``.
 
 With a value-side decay (``VALUE_DECAY``; docs/value-decay.md §2 and §5) the state's columns
-carry the factors of :mod:`dplr.triton.columns`: ``P = exp(GV) ⊙ (W S) + (N ∘ F) Z`` with
-``W S = M (-beta ⊙ X S)``, ``N ∘ F`` applied to ``Z = beta ⊙ v`` (tied) or ``W S = M (X S)``,
-``N = M A_ak`` (general); ``O = scale · (exp(GV) ⊙ (Q_START S) + (A_qk ∘ F) (P | v) [+ (A_qb ∘ F) P])``;
+carry the factors of :mod:`dplr.triton.columns`: ``P = exp(GV) ⊙ (W S) + U`` with
+``W S = M (-beta ⊙ X S)`` (tied) or ``M (X S)`` (general), and ``U = (N ∘ F) Z`` made beforehand,
+for all chunks in parallel (:func:`~dplr.triton.columns.chunk_columns_kernel`), as is the
+output's share that does not read ``S``, ``O_COL``; since ``(A ∘ F)(exp(GV) ⊙ W S) =
+exp(GV) ⊙ (A W S)``, ``O = scale · (exp(GV) ⊙ (Q_START S + A W S) + O_COL)`` with ``A = A_qk``
+(tied) or ``A_qb`` (general), and no column-decayed product is left on the sequential path;
 ``S ← exp(G_C) ⊙ S ⊙ exp(GV_C) + K_ENDᵀ (exp(GV_C - GV) ⊙ (P | v)) [+ B_ENDᵀ (...P)]``.
 
 The chunk's loads do not depend on ``S``, so the pipelined loop fetches the next chunk while
@@ -24,7 +27,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .columns import column_ends, column_product, column_product_bwd
+from .columns import column_ends
 from .intra import _load_rows, _store_rows
 from .structure import DECAY_NONE, LOWRANK_GENERAL, LOWRANK_NONE, LOWRANK_TIED
 
@@ -56,17 +59,19 @@ def _state_offsets(row, hv, kk, vcols, HV: tl.constexpr, K: tl.constexpr, V: tl.
 
 @triton.jit
 def chunk_state_kernel(
-    X_START, M_SOLVE, A_AK, Q_START, K_END, B_END, A_QK, A_QB, DECAY_END, GV_CUM, v, beta, o, h0, ht, STATES,
+    X_START, M_SOLVE, A_AK, Q_START, K_END, B_END, A_QK, A_QB, DECAY_END, GV_CUM, U_COL, O_COL, v, beta, o, h0, ht,
+    STATES,
     seq_bos, seq_len, seq_chunk0, scale,
     HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, KP: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
-    MERGES: tl.constexpr,
     DECAY: tl.constexpr, LOWRANK: tl.constexpr, VALUE_DECAY: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr,
     STORE_O: tl.constexpr, STORE_STATES: tl.constexpr,
     PREC: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):  # fmt: skip
     """``o [BT, HV, V]``; states ``h0, ht [N, HV, K, V]`` fp32; per-sequence token offset,
     length and first chunk in ``seq_bos, seq_len, seq_chunk0``. For the backward it can store
-    every chunk's initial state in ``STATES [NT, HV, K, V]`` fp32 (and skip the output)."""
+    every chunk's initial state in ``STATES [NT, HV, K, V]`` fp32 (and skip the output). With
+    ``VALUE_DECAY`` it reads the column-decayed products ``U_COL`` (and ``O_COL``) that
+    :func:`~dplr.triton.columns.chunk_columns_kernel` made beforehand."""
     n = tl.program_id(0)
     hv = tl.program_id(1)
     vb = tl.program_id(2)
@@ -91,45 +96,39 @@ def chunk_state_kernel(
             tl.store(STATES + chunk_state, S, mask=state_mask)
         q_start = _widen(_load_rows(Q_START + hv * K, row0, i, valid, HV * K, kk, K), VALUE_DECAY)
         k_end = _widen(_load_rows(K_END + hv * K, row0, i, valid, HV * K, kk, K), VALUE_DECAY)
-        A_qk = _load_rows(A_QK + hv * C, row0, i, valid, HV * C, i, C)
+        A_qk = _widen(_load_rows(A_QK + hv * C, row0, i, valid, HV * C, i, C), VALUE_DECAY)
         v_c = _load_rows(v + hv * V, row0, i, valid, HV * V, vcols, V)
         if VALUE_DECAY:
-            n_c = tl.minimum(length - c * C, C)
-            GV = GV_CUM + hv * V
-            start_v, end_v, chunk_v = column_ends(GV, row0, n_c, vcols, HV * V, V, C)
+            start_v, end_v, chunk_v = column_ends(GV_CUM + hv * V, row0, tl.minimum(length - c * C, C), vcols,
+                                                  HV * V, V, C)  # fmt: skip
         if LOWRANK != LOWRANK_NONE:
             x_c = _widen(_load_rows(X_START + hv * K, row0, i, valid, HV * K, kk, K), VALUE_DECAY)
             m_c = _load_rows(M_SOLVE + hv * C, row0, i, valid, HV * C, i, C)
             if LOWRANK == LOWRANK_TIED:
                 beta_c = tl.load(beta + (row0 + i) * HV + hv, mask=valid, other=0.0).to(tl.float32)
-                if VALUE_DECAY:
-                    P = start_v * tl.dot(m_c, -beta_c[:, None] * _mm(x_c, S, PREC), input_precision=PREC)
-                    P += column_product(m_c, beta_c[:, None] * v_c.to(tl.float32), GV, row0, n_c, vcols, HV * V, V,
-                                        C, MERGES, PREC)  # fmt: skip
+                if VALUE_DECAY:  # W S = M (-beta ⊙ X S); P = exp(GV) ⊙ W S + U
+                    Pw = tl.dot(m_c, -beta_c[:, None] * _mm(x_c, S, PREC), input_precision=PREC)
                 else:
                     R = beta_c[:, None] * (v_c.to(tl.float32) - _mm(x_c, S, PREC))
+            elif VALUE_DECAY:  # W S = M (X S)
+                Pw = tl.dot(m_c, _mm(x_c, S, PREC), input_precision=PREC)
             else:
                 a_ak = _load_rows(A_AK + hv * C, row0, i, valid, HV * C, i, C)
-                if VALUE_DECAY:
-                    P = start_v * tl.dot(m_c, _mm(x_c, S, PREC), input_precision=PREC)
-                    n_ak = tl.dot(m_c, a_ak.to(tl.float32), input_precision=PREC)
-                    P += column_product(n_ak, v_c, GV, row0, n_c, vcols, HV * V, V, C, MERGES, PREC)
-                else:
-                    R = _mm(x_c, S, PREC) + _mm(a_ak, v_c, PREC)
-            if not VALUE_DECAY:
+                R = _mm(x_c, S, PREC) + _mm(a_ak, v_c, PREC)
+            if VALUE_DECAY:
+                P = start_v * Pw + _load_rows(U_COL + hv * V, row0, i, valid, HV * V, vcols, V)
+            else:
                 P = tl.dot(m_c, R, input_precision=PREC)  # the solve stays fp32 (tf32 at most)
 
         if STORE_O:
             out = _mm(q_start, S, PREC)
-            if VALUE_DECAY:
-                out = start_v * out
+            if VALUE_DECAY:  # (A ∘ F)(exp(GV) ⊙ W S) = exp(GV) ⊙ (A W S); the rest is O_COL
                 if LOWRANK == LOWRANK_TIED:
-                    out += column_product(A_qk, P, GV, row0, n_c, vcols, HV * V, V, C, MERGES, PREC)
-                else:
-                    out += column_product(A_qk, v_c, GV, row0, n_c, vcols, HV * V, V, C, MERGES, PREC)
+                    out += _mm(A_qk, Pw, PREC)
                 if LOWRANK == LOWRANK_GENERAL:
-                    A_qb = _load_rows(A_QB + hv * C, row0, i, valid, HV * C, i, C)
-                    out += column_product(A_qb, P, GV, row0, n_c, vcols, HV * V, V, C, MERGES, PREC)
+                    A_qb = _widen(_load_rows(A_QB + hv * C, row0, i, valid, HV * C, i, C), VALUE_DECAY)
+                    out += _mm(A_qb, Pw, PREC)
+                out = start_v * out + _load_rows(O_COL + hv * V, row0, i, valid, HV * V, vcols, V)
             else:
                 if LOWRANK == LOWRANK_TIED:
                     out += _mm(A_qk, P, PREC)
@@ -163,10 +162,9 @@ def chunk_state_kernel(
 
 @triton.jit
 def chunk_state_bwd_kernel(
-    X_START, M_SOLVE, Q_START, K_END, B_END, A_QK, A_QB, DECAY_END, GV_CUM, beta, do, dht, dh0, DSTATES,
+    X_START, M_SOLVE, Q_START, K_END, B_END, A_QK, A_QB, DECAY_END, GV_CUM, D_COL, beta, do, dht, dh0, DSTATES,
     seq_bos, seq_len, seq_chunk0, scale,
     HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, KP: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
-    MERGES: tl.constexpr,
     DECAY: tl.constexpr, LOWRANK: tl.constexpr, VALUE_DECAY: tl.constexpr, USE_DHT: tl.constexpr,
     STORE_DH0: tl.constexpr,
     PREC: tl.constexpr, NUM_STAGES: tl.constexpr,
@@ -179,7 +177,8 @@ def chunk_state_bwd_kernel(
     * none: ``dS ← exp(G_C) ⊙ dS + Q_STARTᵀ dO'``,
 
     with ``dO' = scale · dO``; ``dh0`` is the gradient of the initial state. With a value-side
-    decay ``A_qkᵀ dO'`` and ``A_qbᵀ dO'`` are the column-decayed products ``(A ∘ F)ᵀ dO'``, the
+    decay ``A_qkᵀ dO'`` and ``A_qbᵀ dO'`` are the column-decayed products ``(A ∘ F)ᵀ dO'``, read
+    from ``D_COL`` (made for all chunks in parallel beforehand), the
     state's rows reach ``dP`` through ``exp(GV_C - GV)``, every read of ``S`` carries ``exp(GV)``
     (``dO'`` and ``dP`` are scaled by it before they meet ``Q_START`` and ``M``) and
     ``dS ← exp(G_C) ⊙ dS ⊙ exp(GV_C) + ...``."""
@@ -210,26 +209,22 @@ def chunk_state_bwd_kernel(
         )
         q_start = _widen(_load_rows(Q_START + hv * K, row0, i, valid, HV * K, kk, K), VALUE_DECAY)
         if VALUE_DECAY:
-            n_c = tl.minimum(length - c * C, C)
-            GV = GV_CUM + hv * V
-            start_v, end_v, chunk_v = column_ends(GV, row0, n_c, vcols, HV * V, V, C)
+            start_v, end_v, chunk_v = column_ends(GV_CUM + hv * V, row0, tl.minimum(length - c * C, C), vcols,
+                                                  HV * V, V, C)  # fmt: skip
             carry = _mm(tl.trans(q_start), do_c.to(tl.float32) * start_v, PREC)
         else:
             carry = _mm(tl.trans(q_start), do_c, PREC)
         if LOWRANK != LOWRANK_NONE:
             x_c = _widen(_load_rows(X_START + hv * K, row0, i, valid, HV * K, kk, K), VALUE_DECAY)
             m_c = _load_rows(M_SOLVE + hv * C, row0, i, valid, HV * C, i, C)
-            if LOWRANK == LOWRANK_TIED:
-                A_read = _load_rows(A_QK + hv * C, row0, i, valid, HV * C, i, C)
-                write = _widen(_load_rows(K_END + hv * K, row0, i, valid, HV * K, kk, K), VALUE_DECAY)
-            else:
-                A_read = _load_rows(A_QB + hv * C, row0, i, valid, HV * C, i, C)
-                write = _widen(_load_rows(B_END + hv * K, row0, i, valid, HV * K, kk, K), VALUE_DECAY)
-            if VALUE_DECAY:
-                dP, _, _ = column_product_bwd(A_read, do_c, do_c, GV, row0, n_c, vcols, HV * V, V,
-                                              C, MERGES, PREC, False)  # fmt: skip
+            WRITE = K_END if LOWRANK == LOWRANK_TIED else B_END
+            write = _widen(_load_rows(WRITE + hv * K, row0, i, valid, HV * K, kk, K), VALUE_DECAY)
+            if VALUE_DECAY:  # (A ∘ F)ᵀ dO', made beforehand (dplr.triton.columns.chunk_columns_bwd_kernel)
+                dP = _load_rows(D_COL + hv * V, row0, i, valid, HV * V, vcols, V)
                 dP = start_v * (dP + end_v * _mm(write, dS, PREC))
             else:
+                A_READ = A_QK if LOWRANK == LOWRANK_TIED else A_QB
+                A_read = _load_rows(A_READ + hv * C, row0, i, valid, HV * C, i, C)
                 dP = _mm(tl.trans(A_read), do_c, PREC) + _mm(write, dS, PREC)
             if LOWRANK == LOWRANK_TIED:
                 beta_c = tl.load(beta + (row0 + i) * HV + hv, mask=valid, other=0.0).to(tl.float32)
