@@ -220,10 +220,12 @@ def state_pass(
     *,
     states: torch.Tensor | None = None,
     output: bool = True,
+    columns: tuple[torch.Tensor, torch.Tensor] | None = None,
 ):
     """Launch 2: every sequence, value head and value block in parallel (stages 4-5). With
     ``states [NT, HV, K, V]`` it also stores every chunk's initial state there; ``output=False``
-    skips the output (the backward's recomputation)."""
+    skips the output (the backward's recomputation). With ``gv`` it first runs
+    :func:`value_columns`, unless given their ``columns``."""
     p = problem
     B, T, _, K = p.q.shape
     HV, V = p.v.shape[2], p.v.shape[3]
@@ -231,9 +233,9 @@ def state_pass(
     o = torch.empty(B, T, HV, V, device=device, dtype=p.v.dtype)
     final = torch.empty(index.num_seqs, HV, K, V, device=device, dtype=torch.float32)
     h0 = None if p.initial_state is None else p.initial_state.to(torch.float32).contiguous()
-    u_col = o_col = final
-    if p.gv is not None:
-        u_col, o_col = value_columns(p, prep, chunk_size, cfg, output=output)
+    if p.gv is not None and columns is None:
+        columns = value_columns(p, prep, chunk_size, cfg, output=output)
+    u_col, o_col = (final, final) if columns is None else columns
     if index.num_seqs:
         grid = (index.num_seqs, HV, triton.cdiv(V, cfg.BV_state))
         chunk_state_kernel[grid](
@@ -256,6 +258,7 @@ class Kept(NamedTuple):
     chunk_size: int
     prep: Prepared
     states: torch.Tensor  # [NT, HV, K, V] fp32
+    u_col: torch.Tensor | None  # with gv and a rank-one part: see value_columns
 
 
 def _backward_configs(p: Problem, chunk_size: int) -> tuple[configs.ChunkBackward, configs.ChunkForward]:
@@ -272,11 +275,13 @@ def _backward_configs(p: Problem, chunk_size: int) -> tuple[configs.ChunkBackwar
 
 
 def _chunk_states(p: Problem, prep: Prepared, chunk_size: int, cfg: configs.ChunkForward, *, output: bool):
-    """The state pass that also stores every chunk's initial state: ``(o, final, states)``."""
+    """The state pass that also stores every chunk's initial state: ``(o, final, states, u_col)``,
+    ``u_col`` for the backward's values kernel (see :func:`value_columns`; ``None`` without gv)."""
     K, HV, V = p.q.shape[3], p.v.shape[2], p.v.shape[3]
     states = torch.empty(prep.index.num_chunks, HV, K, V, device=p.q.device, dtype=torch.float32)
-    o, final = state_pass(p, prep, chunk_size, cfg, states=states, output=output)
-    return o, final, states
+    columns = None if p.gv is None else value_columns(p, prep, chunk_size, cfg, output=output)
+    o, final = state_pass(p, prep, chunk_size, cfg, states=states, output=output, columns=columns)
+    return o, final, states, None if columns is None else columns[0]
 
 
 def forward_keeping(problem: Problem, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, Kept]:
@@ -285,8 +290,8 @@ def forward_keeping(problem: Problem, chunk_size: int) -> tuple[torch.Tensor, to
     GPU), so that what it keeps is what the backward reads; the output does not depend on it."""
     bwd, cfg = _backward_configs(problem, chunk_size)
     prep = prepare(problem, bwd.C, cfg, keep_akk=True)
-    o, final, states = _chunk_states(problem, prep, bwd.C, cfg, output=True)
-    return o, final, Kept(bwd.C, prep, states)
+    o, final, states, u_col = _chunk_states(problem, prep, bwd.C, cfg, output=True)
+    return o, final, Kept(bwd.C, prep, states, u_col)
 
 
 def backward(
@@ -306,11 +311,11 @@ def backward(
     C = bwd.C
     if kept is None:
         prep = prepare(p, C, cfg, keep_akk=True)
-        states = _chunk_states(p, prep, C, cfg, output=False)[2]
+        states, u_col = _chunk_states(p, prep, C, cfg, output=False)[2:]
     elif kept.chunk_size != C:
         raise ValueError(f"kept intermediates were made at chunk size {kept.chunk_size}, the backward runs at {C}")
     else:
-        prep, states = kept.prep, kept.states
+        prep, states, u_col = kept.prep, kept.states, kept.u_col
     index, NT, structure = prep.index, B * T, _structure(p)
 
     def f32(*shape: int, used: bool = True) -> torch.Tensor:
@@ -348,6 +353,7 @@ def backward(
         chunk_grad_values_kernel[grid](
             _tokens(p.v), do if beta is None else beta, do, states, d_states, prep.x_start, prep.M, prep.A_ak,
             prep.k_end, prep.b_end, prep.A_qk, prep.A_qb, prep.q_start, prep.decay_end, prep.GV,
+            dv if u_col is None else u_col,
             dv, dA_qk, dA_qb, dA_ak, dM, dq_start, dk_end, db_end, dx, dbeta, d_decay, dgv,
             index.chunk_bos, index.chunk_len, p.scale,
             HV=HV, K=K, V=V, KP=KP, C=C, BV=bwd.BV_values, MERGES=_merges(C), **structure,
@@ -356,7 +362,7 @@ def backward(
     G_cum, M_solve, A_kk, decay_end = prep.G, prep.M, prep.A_kk, prep.decay_end
     # The chunk states, their gradients and the forward's other tiles are done with: freed before
     # the keys kernel's outputs exist, which takes 2 x [chunks, HV, K, V] fp32 off the peak.
-    del prep, states, d_states
+    del prep, states, d_states, u_col
     # the inputs' gradients per value head, summed over a key head's value heads below
     dq, dk = f32(NT, HV, K), f32(NT, HV, K)
     da, db = f32(NT, HV, K, used=general), f32(NT, HV, K, used=general)

@@ -36,7 +36,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .columns import column_ends, column_product, column_product_bwd
+from .columns import column_ends, column_product_bwd
 from .intra import LIMIT, _dot_t, _gather_G, _key_slices, _load_rows, _store_rows
 from .state import _state_offsets
 from .structure import DECAY_CHANNEL, DECAY_NONE, DECAY_SCALAR, LOWRANK_GENERAL, LOWRANK_NONE, LOWRANK_TIED
@@ -70,7 +70,7 @@ def _chunk_tiles(A_QK, K_END, X_START, M_SOLVE, hv, bos, i, valid, kk, HV, K, C,
 
 @triton.jit
 def chunk_grad_values_kernel(
-    v, beta, do, STATES, DSTATES, X_START, M_SOLVE, A_AK, K_END, B_END, A_QK, A_QB, Q_START, DECAY_END, GV_CUM,
+    v, beta, do, STATES, DSTATES, X_START, M_SOLVE, A_AK, K_END, B_END, A_QK, A_QB, Q_START, DECAY_END, GV_CUM, U_COL,
     dv, DA_QK, DA_QB, DA_AK, DM, DQ_START, DK_END, DB_END, DX, DBETA, DDECAY, dgv,
     chunk_bos, chunk_len, scale,
     HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, KP: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
@@ -79,7 +79,9 @@ def chunk_grad_values_kernel(
 ):  # fmt: skip
     """``dv [BT, HV, V]``; fp32 accumulators: ``DA_* , DM [BT, HV, C]``, ``DQ_START, DK_END, DB_END,
     DX [BT, HV, K]``, ``DBETA [BT, HV]``, ``DDECAY [NT, HV, K]``; with ``VALUE_DECAY`` also
-    ``dgv [BT, HV, V]`` fp32 (``Q_START``, ``DECAY_END`` and ``GV_CUM`` are read only then).
+    ``dgv [BT, HV, V]`` fp32 (``Q_START``, ``DECAY_END``, ``GV_CUM`` and the pseudo-values' part
+    ``U_COL`` that the state does not reach, from :func:`~dplr.triton.columns.chunk_columns_kernel`,
+    are read only then).
 
     The chunk's ``C x K`` and ``C x C`` inputs are loaded again in every value block (from L2)
     for the general form and the plain one, and held across the blocks for the tied form:
@@ -133,7 +135,7 @@ def chunk_grad_values_kernel(
                 XS = _mm(x_c, S, PREC)
                 Z = beta_c[:, None] * v_c
                 Pw = _mm(m_c, -beta_c[:, None] * XS, PREC)
-                P = start_v * Pw + column_product(m_c, Z, GV, bos, n, vcols, HV * V, V, C, MERGES, PREC)
+                P = start_v * Pw + _load_rows(U_COL + hv * V, bos, i, valid, HV * V, vcols, V)
                 dP, dA, dG_p = column_product_bwd(A_qk, P, do_c, GV, bos, n, vcols, HV * V, V, C, MERGES, PREC, True)
                 dP += end_v * kd
                 to_end = P * end_v * kd
@@ -153,7 +155,7 @@ def chunk_grad_values_kernel(
                 XS = _mm(x_c, S, PREC)
                 Pw = _mm(m_c, XS, PREC)
                 N = _mm(m_c, A_ak, PREC)
-                P = start_v * Pw + column_product(N, v_c, GV, bos, n, vcols, HV * V, V, C, MERGES, PREC)
+                P = start_v * Pw + _load_rows(U_COL + hv * V, bos, i, valid, HV * V, vcols, V)
                 dP, dA, dG_p = column_product_bwd(A_qb, P, do_c, GV, bos, n, vcols, HV * V, V, C, MERGES, PREC, True)
                 dA_qb += dA
                 dG += dG_p

@@ -29,10 +29,15 @@ def _run(name: str, args: dict, keep: bool, monkeypatch) -> tuple[list[torch.Ten
     return [o.detach(), final.detach(), *grads], len(made)
 
 
-@pytest.mark.parametrize("name", ["kda", "dplr_delta_rule", "gla", "gated_delta_rule"])
-def test_kept_intermediates_give_the_same_gradients(name, monkeypatch):
+@pytest.mark.parametrize(
+    "name, value_decay",
+    [("kda", False), ("dplr_delta_rule", False), ("gla", False), ("gated_delta_rule", False), ("kda", True),
+     ("dplr_delta_rule", True)],
+)  # fmt: skip
+def test_kept_intermediates_give_the_same_gradients(name, value_decay, monkeypatch):
     args = make_inputs(name, B=1, T=45, H=1, HV=2, K=16, V=16, dtype=torch.float32, device=DEVICE,
-                       cu_seqlens=[0, 13, 13, 45], output_final_state=True, chunk_size=16)  # fmt: skip
+                       cu_seqlens=[0, 13, 13, 45], output_final_state=True, chunk_size=16,
+                       value_decay=value_decay)  # fmt: skip
     recomputed, made_recomputing = _run(name, args, False, monkeypatch)
     kept, made_keeping = _run(name, args, True, monkeypatch)
     assert (made_recomputing, made_keeping) == (2, 1)  # the backward made none of its own
