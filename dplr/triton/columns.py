@@ -52,19 +52,25 @@ def column_ends(GV, row0, n, vcols, stride, V, C: tl.constexpr):
 
 
 @triton.jit
-def _level(GV, row0, n, vcols, stride, V, C: tl.constexpr, level: tl.constexpr):
-    """Merge ``level`` (halves of ``C >> (level + 1)`` tokens): the row factors ``exp(GV_i - c)``
-    of the lower halves, the column factors ``exp(c - GV_j)`` of the upper halves (one ``exp``
-    per element: both are ``exp(-|GV - c|)``) and the pairs they serve. The fp64 sums are
+def _level(GV, row0, n, vcols, stride, V, C: tl.constexpr, MERGES: tl.constexpr, level):
+    """Merge ``level`` (a run-time value: the merges are a loop, not unrolled, see below): pairs of
+    halves of ``h = C >> (level + 1)`` tokens. Returns the row factors ``exp(GV_i - c)`` of the
+    lower halves, the column factors ``exp(c - GV_j)`` of the upper halves (one ``exp`` per element:
+    both are ``exp(-|GV - c|)``) and the pairs they serve. Halves and pairs are bits of the token
+    index: ``i >> (MERGES - level)`` names the pair, bit ``h`` of ``i`` the half. The fp64 sums are
     gathered here, where they are used, rather than held across the levels: they are read from
-    L1, and registers are what the state pass lacks."""
+    L1, and registers are what the kernels lack.
+
+    Unrolled, the ``log2 C`` merges of each product made the backward's values kernel take 200 s
+    to compile for sm_90 (bf16 KDA, K = V = 128, C = 64) and longer in fp32; as a loop, its code
+    holds one merge per product."""
     i = tl.arange(0, C)
-    half = C >> (level + 1)
-    c = _gather_G(GV, row0, (i // (2 * half)) * (2 * half) + half - 1, n, stride, vcols, V)
+    pair_shift = MERGES - level  # log2 of a pair's length
+    half = 1 << (pair_shift - 1)
+    c = _gather_G(GV, row0, ((i >> pair_shift) << pair_shift) + half - 1, n, stride, vcols, V)
     f = tl.exp(-tl.abs((_sums(GV, row0, n, vcols, stride, V, C) - c).to(tl.float32)))
-    lower = ((i % (2 * half)) >= half)[:, None]
-    meet = ((i[:, None] // (2 * half)) == (i[None, :] // (2 * half))) & ((i[:, None] % (2 * half)) >= half)
-    meet = meet & ((i[None, :] % (2 * half)) < half)
+    lower = ((i & half) != 0)[:, None]  # the later half of a pair: its rows read the earlier half
+    meet = ((i[:, None] >> pair_shift) == (i[None, :] >> pair_shift)) & lower & ((i[None, :] & half) == 0)
     return tl.where(lower, f, 0.0), tl.where(lower, 0.0, f), meet
 
 
@@ -80,8 +86,8 @@ def column_product(A, Z, GV, row0, n, vcols, stride, V, C: tl.constexpr, MERGES:
     A = A.to(tl.float32)
     Z = Z.to(tl.float32)
     Y = _diagonal(A)[:, None] * Z
-    for level in tl.static_range(MERGES):
-        x_f, y_f, meet = _level(GV, row0, n, vcols, stride, V, C, level)
+    for level in tl.range(MERGES):
+        x_f, y_f, meet = _level(GV, row0, n, vcols, stride, V, C, MERGES, level)
         Y += x_f * tl.dot(tl.where(meet, A, 0.0), Z * y_f, input_precision=PREC)
     return Y
 
@@ -103,8 +109,8 @@ def column_product_bwd(
     dG = tl.zeros_like(dY)
     if GRADS:
         dA = tl.where(i[:, None] == i[None, :], tl.sum(dY * Z, axis=1)[:, None], 0.0)
-    for level in tl.static_range(MERGES):
-        x_f, y_f, meet = _level(GV, row0, n, vcols, stride, V, C, level)
+    for level in tl.range(MERGES):
+        x_f, y_f, meet = _level(GV, row0, n, vcols, stride, V, C, MERGES, level)
         A_m = tl.where(meet, A, 0.0)
         dZ_l = y_f * tl.dot(tl.trans(A_m), x_f * dY, input_precision=PREC)
         dZ += dZ_l
