@@ -64,13 +64,20 @@ def _run(name: str, args: dict) -> DecodeOutput:
     call = dict(args, initial_state=None, output_final_state=False, cu_seqlens=None, cu_seqlens_cpu=None)
     problem = api.prepare(name, api.RECURRENT, call)
     _check_pool(pool, indices, problem, state_v_first=state_v_first)
-    p = problem
+    p, backend = problem, _backend(problem.q, value_decay=problem.transition.value_decay)
     with torch.no_grad():
-        o, states = decode_op(
-            p.q, p.k, p.v, p.g, p.beta, p.a, p.b, p.gv, pool, indices, p.scale,
-            p.transition.decay.value, p.transition.lowrank.value, state_v_first, intermediate,
-            _backend(p.q, value_decay=p.transition.value_decay),
-        )  # fmt: skip
+        if torch.compiler.is_compiling():  # one node for the compiler: the op
+            o, states = decode_op(
+                p.q, p.k, p.v, p.g, p.beta, p.a, p.b, p.gv, pool, indices, p.scale,
+                p.transition.decay.value, p.transition.lowrank.value, state_v_first, intermediate, backend,
+            )  # fmt: skip
+        else:
+            # Eager: the step itself. The op's dispatch (defaults, redispatch, the autograd key)
+            # costs about 0.1 ms of host time per call, which is most of a serving step's
+            # launch budget; CUDA graphs capture the kernel either way.
+            o, states = _decode(
+                p, pool, indices, state_v_first=state_v_first, intermediate=intermediate, backend=backend
+            )
     return DecodeOutput(o, states if intermediate else None)
 
 
@@ -148,17 +155,27 @@ def decode_op(
         transition=Transition(Decay(decay), LowRank(lowrank), value_decay=gv is not None), q=q, k=k, v=v, g=g,
         beta=beta, a=a, b=b, scale=scale, initial_state=None, cu_seqlens=None, gv=gv,
     )  # fmt: skip
+    o, states = _decode(
+        problem, state_pool, state_indices, state_v_first=state_v_first, intermediate=intermediate, backend=backend
+    )
+    return o, states if states is not None else state_pool.new_empty(0)
+
+
+def _decode(
+    problem: Problem,
+    pool: torch.Tensor,
+    indices: torch.Tensor,
+    *,
+    state_v_first: bool,
+    intermediate: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The step on the backend's kernel: ``(o, intermediate states or None)``."""
     if backend == "triton":
         from .triton import recurrent
 
-        o, states = recurrent.decode(
-            problem, state_pool, state_indices, state_v_first=state_v_first, intermediate=intermediate
-        )
-    else:
-        o, states = _torch_decode(
-            problem, state_pool, state_indices, state_v_first=state_v_first, intermediate=intermediate
-        )
-    return o, states if states is not None else state_pool.new_empty(0)
+        return recurrent.decode(problem, pool, indices, state_v_first=state_v_first, intermediate=intermediate)
+    return _torch_decode(problem, pool, indices, state_v_first=state_v_first, intermediate=intermediate)
 
 
 @decode_op.register_fake
