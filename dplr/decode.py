@@ -22,8 +22,9 @@ back into the same slot, in place; nothing else in the pool is touched.
 
 The step is inference only (no gradients). On CUDA it is one Triton launch
 (:func:`dplr.triton.recurrent.decode`); elsewhere the PyTorch token step of
-:mod:`dplr.torch_recurrent`. It is a ``torch.library`` op that mutates the pool, so
-``torch.compile`` and CUDA graphs see it as one node.
+:mod:`dplr.torch_recurrent`. Under ``torch.compile`` it is a ``torch.library`` op that mutates
+the pool (one node in the graph); eager calls run the step directly, and a CUDA graph captures
+the one launch either way.
 """
 
 from __future__ import annotations
