@@ -181,7 +181,7 @@ def value_columns(
         return torch.empty(B * T if used else 0, HV, V, device=p.q.device, dtype=torch.float32)
 
     u_col, o_col = f32(lowrank is not LowRank.NONE), f32(output)
-    if index.num_chunks:
+    if index.num_chunks and (u_col.numel() or o_col.numel()):  # GLA's recomputation needs neither
         v = _tokens(p.v)
         chunk_columns_kernel[(index.num_chunks, HV, triton.cdiv(V, cfg.BV_columns))](
             prep.M, prep.A_ak, prep.A_qk, prep.A_qb, prep.GV, v, v if p.beta is None else _tokens(p.beta),
