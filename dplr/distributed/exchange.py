@@ -97,21 +97,11 @@ class Exchange(torch.autograd.Function):
         for j in range(plan.rank):
             carry = _advance(parts[j], carry)
 
-        if plan.head and _fused(rest_o, carry):
-            # o = o⁰ + (cᵀ y) ⊙ Q in one pass, written in place of the concatenation below
+        if plan.head:  # o = o⁰ + (cᵀ y) ⊙ Q on the head's tokens, written into place
             L = head_wide.shape[1]
             o = rest_o.new_empty(rest_o.shape[0], L + rest_o.shape[1], *rest_o.shape[2:])
-            carry_product(head_wide[..., V:], carry, out=o[:, :L], scale=head_decay, add=head_wide[..., :V])
+            _per_token(head_wide[..., V:], carry, out=o[:, :L], scale=head_decay, add=head_wide[..., :V], tokens=rest_o)
             o[:, L:] = rest_o
-        elif plan.head:
-            # o = o⁰ + (cᵀ y) ⊙ Q, summed in the state dtype and rounded once to the output's.
-            with _tf32_matmuls(rest_o, carry):
-                head = torch.einsum("bthk,bhkv->bthv", head_wide[..., V:].to(carry.dtype), carry)
-            if head_decay is not None:
-                head *= head_decay
-            head += head_wide[..., :V]
-            head = head.to(rest_o.dtype)
-            o = torch.cat([head, rest_o], 1) if rest_o.shape[1] else head
         else:
             o = rest_o.clone()  # a Function's output must not be one of its inputs
 
@@ -136,17 +126,10 @@ class Exchange(torch.autograd.Function):
 
         d_carry = torch.zeros_like(carry)  # ∂L/∂c_r through this rank's own results
         d_head_wide = d_head_decay = d_head_final = d_rest_finals = None
-        fused = plan.head and _fused(d_o, carry)
-        if fused:
+        if plan.head:
             y, d_head = head_wide[..., V:], d_o[:, :L]
             d_scaled = d_head if head_decay is None else d_head.to(carry.dtype) * head_decay
-            d_carry = d_carry + _token_sums(y, d_scaled, carry)
-        elif plan.head:
-            y = head_wide[..., V:].to(carry.dtype)
-            d_head = d_o[:, :L].to(carry.dtype)
-            d_scaled = d_head * head_decay if head_decay is not None else d_head
-            with _tf32_matmuls(d_o, carry):
-                d_carry = d_carry + torch.einsum("bthk,bthv->bhkv", y, d_scaled)
+            d_carry = d_carry + _token_sums(y, d_scaled, carry, tokens=d_o)
         if d_here is not None:
             if plan.head_ends:
                 d_head_end, d_here = d_here[: plan.rows], d_here[plan.rows :]
@@ -163,24 +146,18 @@ class Exchange(torch.autograd.Function):
         d_summary = None
         if plan.rank < plan.world - 1:
             d_summary = _summary_grad(own, carry, G)  # c_{r+1} = _advance(summary, c_r)
-        if fused:  # dy = (dO ⊙ Q) c and dQ = dO ⊙ (cᵀ y), written into place
+        if plan.head:  # dy = (dO ⊙ Q) c and dQ = dO ⊙ (cᵀ y), written into place; o⁰ enters o as it is
             d_head_wide = d_o.new_empty(*d_head.shape[:-1], head_wide.shape[-1])
             d_head_wide[..., :V] = d_head
-            carry_product(d_scaled, carry.transpose(-1, -2), out=d_head_wide[..., V:])
+            _per_token(d_scaled, carry.transpose(-1, -2), out=d_head_wide[..., V:], tokens=d_o)
             if head_decay is not None:
-                d_head_decay = carry_product(y, carry, scale=d_head, out=torch.empty_like(head_decay))
-        elif plan.head:
-            with _tf32_matmuls(d_o, carry):
-                if head_decay is not None:
-                    d_head_decay = d_head * torch.einsum("bthk,bhkv->bthv", y, carry)
-                d_head_y = torch.einsum("bthv,bhkv->bthk", d_scaled, carry)
-            d_head_wide = torch.cat([d_o[:, :L], d_head_y.to(d_o.dtype)], -1)  # o⁰ enters o as it is
+                d_head_decay = _per_token(y, carry, scale=d_head, out=torch.empty_like(head_decay), tokens=d_o)
         return None, None, d_head_wide, d_head_decay, d_head_final, d_o[:, L:], d_summary, d_rest_finals
 
 
 def _fused(tokens: torch.Tensor, carry: torch.Tensor) -> bool:
-    """Whether the per-token products run as Triton passes (:mod:`dplr.triton.carry`): CUDA,
-    16-bit tokens and an fp32 carry, where the PyTorch form spends more on copies than on math."""
+    """Whether :func:`_per_token` runs as a Triton pass (:mod:`dplr.triton.carry`): CUDA, 16-bit
+    tokens and an fp32 carry, where the PyTorch form spends more on copies than on math."""
     return (
         carry_product is not None
         and tokens.device.type == "cuda"
@@ -189,15 +166,41 @@ def _fused(tokens: torch.Tensor, carry: torch.Tensor) -> bool:
     )
 
 
-def _token_sums(y: torch.Tensor, d: torch.Tensor, carry: torch.Tensor) -> torch.Tensor:
+def _per_token(
+    y: torch.Tensor,
+    carry: torch.Tensor,
+    *,
+    out: torch.Tensor,
+    scale: torch.Tensor | None = None,
+    add: torch.Tensor | None = None,
+    tokens: torch.Tensor,
+) -> torch.Tensor:
+    """``out = (y @ carry) ⊙ scale + add`` per (row, head), ``y [rows, L, HV, M]``, ``carry
+    [rows, HV, M, N]`` (a transposed view gives ``y cᵀ``): summed in the carry's dtype and rounded
+    once into ``out``. One Triton pass (:mod:`dplr.triton.carry`) where :func:`_fused` allows,
+    else PyTorch, its products on TF32 as :func:`_tf32_matmuls` (for ``tokens``) allows."""
+    if _fused(tokens, carry):
+        return carry_product(y, carry, out=out, scale=scale, add=add)
+    with _tf32_matmuls(tokens, carry):
+        result = torch.einsum("bthm,bhmn->bthn", y.to(carry.dtype), carry)
+    if scale is not None:
+        result *= scale
+    if add is not None:
+        result += add
+    return out.copy_(result)
+
+
+def _token_sums(y: torch.Tensor, d: torch.Tensor, carry: torch.Tensor, *, tokens: torch.Tensor) -> torch.Tensor:
     """``Σ_t y_t d_tᵀ`` per (row, head), in the carry's dtype: ``[rows, L, HV, K]`` and
-    ``[rows, L, HV, V]`` to ``[rows, HV, K, V]``. Two 16-bit operands go straight to a GEMM on
-    their strided views (exact products, fp32 sums); otherwise both are widened first."""
-    if _BMM_OUT_DTYPE and y.dtype == d.dtype and y.dtype in (torch.bfloat16, torch.float16):
+    ``[rows, L, HV, V]`` to ``[rows, HV, K, V]``. Where :func:`_fused` allows, two 16-bit operands
+    go straight to a GEMM on their strided views (exact products, fp32 sums); otherwise both
+    are widened first."""
+    sixteen = y.dtype == d.dtype and y.dtype in (torch.bfloat16, torch.float16)
+    if _BMM_OUT_DTYPE and sixteen and _fused(tokens, carry):
         return torch.stack(
             [torch.bmm(y[r].permute(1, 2, 0), d[r].transpose(0, 1), out_dtype=carry.dtype) for r in range(y.shape[0])]
         )
-    with _tf32_matmuls(y, carry):
+    with _tf32_matmuls(tokens, carry):
         return torch.einsum("bthk,bthv->bhkv", y.to(carry.dtype), d.to(carry.dtype))
 
 
