@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from .columns import column_ends, column_product_bwd
-from .intra import LIMIT, _dot_t, _gather_G, _key_slices, _load_rows, _store_rows
+from .intra import LIMIT, _chunk_rows, _dot_t, _gather_G, _key_slices, _load_rows, _store_rows
 from .state import _state_offsets
 from .structure import DECAY_CHANNEL, DECAY_NONE, DECAY_SCALAR, LOWRANK_GENERAL, LOWRANK_NONE, LOWRANK_TIED
 
@@ -87,12 +87,7 @@ def chunk_grad_values_kernel(
     for the general form and the plain one, and held across the blocks for the tied form:
     H100, (4, 8192, 16, 128), forward+backward: DPLR 76 ms held -> 44 ms reloaded, GLA 12.7 ->
     12.3, but GDN 13.7 held against 14.4 reloaded and KDA 24.3 against 25.0."""
-    cid = tl.program_id(0)
-    hv = tl.program_id(1)
-    bos = tl.load(chunk_bos + cid).to(tl.int64)
-    n = tl.load(chunk_len + cid)
-    i = tl.arange(0, C)
-    valid = i < n
+    cid, hv, bos, n, i, valid = _chunk_rows(chunk_bos, chunk_len, C)
     kk = tl.arange(0, KP)
     if LOWRANK == LOWRANK_TIED:
         beta_c = tl.load(beta + (bos + i) * HV + hv, mask=valid, other=0.0).to(tl.float32)
@@ -411,13 +406,8 @@ def chunk_grad_keys_kernel(
     """One (chunk, value head), over channel slices of ``BK``. Writes ``dq, dk, da, db [BT, HV, K]``
     fp32 (summed over a key head's value heads on the host), ``dg [BT, HV(, K)]`` fp32 and adds
     the solve's share to ``DBETA``."""
-    cid = tl.program_id(0)
-    hv = tl.program_id(1)
+    cid, hv, bos, n, i, valid = _chunk_rows(chunk_bos, chunk_len, C)
     h = hv // (HV // H)
-    bos = tl.load(chunk_bos + cid).to(tl.int64)
-    n = tl.load(chunk_len + cid)
-    i = tl.arange(0, C)
-    valid = i < n
     incl = i[:, None] >= i[None, :]
     strict = i[:, None] > i[None, :]
     apart = i[:, None] > i[None, :] + 1  # G_prev_i - G_j spans at least one decay only here

@@ -32,7 +32,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .intra import _gather_G, _load_rows, _store_rows
+from .intra import _chunk_rows, _gather_G, _load_rows, _store_rows
 from .structure import LOWRANK_GENERAL, LOWRANK_NONE, LOWRANK_TIED
 
 
@@ -139,13 +139,8 @@ def chunk_columns_kernel(
       product: ``(A ∘ F) (exp(GV) ⊙ W S) = exp(GV) ⊙ (A (W S))``, the factors cancelling.
 
     Both ``[BT, HV, V]`` fp32."""
-    cid = tl.program_id(0)
-    hv = tl.program_id(1)
+    _, hv, bos, n, i, valid = _chunk_rows(chunk_bos, chunk_len, C)
     vcols = tl.program_id(2) * BV + tl.arange(0, BV)
-    bos = tl.load(chunk_bos + cid).to(tl.int64)
-    n = tl.load(chunk_len + cid)
-    i = tl.arange(0, C)
-    valid = i < n
     GV = GV_CUM + hv * V
     v_c = _load_rows(v + hv * V, bos, i, valid, HV * V, vcols, V).to(tl.float32)
     U = v_c
@@ -178,13 +173,8 @@ def chunk_columns_bwd_kernel(
     (``A_qk`` tied, ``A_qb`` general): the gradient of the pseudo-values through the output,
     which the state pass backwards (:func:`~dplr.triton.state.chunk_state_bwd_kernel`) would
     otherwise form chunk after chunk. One program per (chunk, value head, block of value columns)."""
-    cid = tl.program_id(0)
-    hv = tl.program_id(1)
+    _, hv, bos, n, i, valid = _chunk_rows(chunk_bos, chunk_len, C)
     vcols = tl.program_id(2) * BV + tl.arange(0, BV)
-    bos = tl.load(chunk_bos + cid).to(tl.int64)
-    n = tl.load(chunk_len + cid)
-    i = tl.arange(0, C)
-    valid = i < n
     A = _load_rows(A_READ + hv * C, bos, i, valid, HV * C, i, C)
     do_c = _load_rows(do + hv * V, bos, i, valid, HV * V, vcols, V).to(tl.float32) * scale
     D, _, _ = column_product_bwd(A, do_c, do_c, GV_CUM + hv * V, bos, n, vcols, HV * V, V, C, MERGES, PREC, False)

@@ -60,6 +60,17 @@ def _key_slices(q, k, a, b, h, row0, rows, valid, H, cols, K, LOWRANK: tl.conste
 
 
 @triton.jit
+def _chunk_rows(chunk_bos, chunk_len, C: tl.constexpr):
+    """A per-chunk program's chunk and value head (grid axes 0 and 1): ``(cid, hv, bos, n, i,
+    valid)`` with the chunk's first token ``bos`` (int64), its length ``n`` and its rows ``i < n``."""
+    cid = tl.program_id(0)
+    bos = tl.load(chunk_bos + cid).to(tl.int64)
+    n = tl.load(chunk_len + cid)
+    i = tl.arange(0, C)
+    return cid, tl.program_id(1), bos, n, i, i < n
+
+
+@triton.jit
 def _store_rows(ptr, value, row0, rows, valid, stride, cols, ncols):
     mask = valid[:, None] & (cols < ncols)[None, :]
     offsets = (row0 + rows)[:, None].to(tl.int64) * stride + cols[None, :]
@@ -203,13 +214,8 @@ def chunk_prepare_kernel(
     the cumulative decays ``G_CUM [BT, HV, K]`` fp32; ``SCRATCH [NT, HV, 2, C, C]`` fp32 serves the solve.
     With ``VALUE_DECAY``: ``gv [BT, HV, V]`` in, its cumulative sums ``GV_CUM [BT, HV, V]`` fp64 out
     (see :mod:`dplr.triton.columns`)."""
-    cid = tl.program_id(0)
-    hv = tl.program_id(1)
+    cid, hv, bos, n, i, valid = _chunk_rows(chunk_bos, chunk_len, C)
     h = hv // (HV // H)
-    bos = tl.load(chunk_bos + cid).to(tl.int64)
-    n = tl.load(chunk_len + cid)
-    i = tl.arange(0, C)
-    valid = i < n
     incl = i[:, None] >= i[None, :]
     strict = i[:, None] > i[None, :]
 
