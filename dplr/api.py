@@ -194,9 +194,7 @@ def _triton_suits(problem: Problem, chunk_size: int) -> bool:
     p = problem
     if p.transition.value_decay and not triton_path.value_decay_checked(chunk_size):
         return False
-    tensors = (p.q, p.k, p.v, p.g, p.beta, p.a, p.b, p.initial_state, p.gv)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    return not needs_grad or triton_path.has_backward(chunk_size, value_decay=p.transition.value_decay)
+    return not library.needs_grad(p) or triton_path.has_backward(chunk_size, value_decay=p.transition.value_decay)
 
 
 def _triton_available() -> bool:

@@ -180,14 +180,22 @@ class _KeepingChunk(torch.autograd.Function):
         return (None, None, *grads)
 
 
+def _inputs(problem: Problem) -> list[torch.Tensor | None]:
+    """The op's tensor arguments, in the order of :data:`_INPUTS`."""
+    return [getattr(problem, name) for name in _INPUTS]
+
+
+def needs_grad(problem: Problem) -> bool:
+    """Whether autograd will ask this call for a gradient."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in _inputs(problem))
+
+
 def _keeps(problem: Problem, chunk_size: int, backend: str) -> bool:
     """Whether this call runs :class:`_KeepingChunk`: the Triton chunk kernels, eager, asked
     for by ``DPLR_KEEP_INTERMEDIATES`` and with a gradient to come."""
     if backend != "triton" or chunk_size == RECURRENT_CHUNK or torch.compiler.is_compiling():
         return False
-    tensors = [getattr(problem, name) for name in _INPUTS]
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    return needs_grad and settings.keep_intermediates()
+    return needs_grad(problem) and settings.keep_intermediates()
 
 
 def dispatch(problem: Problem, chunk_size: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,7 +204,7 @@ def dispatch(problem: Problem, chunk_size: int, backend: str) -> tuple[torch.Ten
     if backend == "torch" and not torch.compiler.is_compiling():
         return run(problem, chunk_size)
     if _keeps(problem, chunk_size, backend):
-        return _KeepingChunk.apply(problem, chunk_size, *(getattr(problem, name) for name in _INPUTS))
+        return _KeepingChunk.apply(problem, chunk_size, *_inputs(problem))
     p = problem
     return recurrence_op(
         p.q, p.k, p.v, p.g, p.beta, p.a, p.b, p.initial_state, p.gv, p.cu_seqlens, p.scale,
