@@ -135,7 +135,7 @@ def _forward(problem: Problem, *, store_o: bool, every: int) -> tuple:
         ckpt = torch.empty(total, HV, K, V, dtype=dtype, device=device)
         offsets = _device_int64(first, device) if p.cu_seqlens is not None else None
     if N * HV:
-        recurrent_fwd_kernel[(N * HV, triton.cdiv(V, tile.BV))](
+        recurrent_fwd_kernel[(N * HV * triton.cdiv(V, tile.BV),)](
             x["q"], x["k"], x["v"], x["g"], x["beta"], x["a"], x["b"], x["gv"],
             o, h0, final, None, 0,
             ckpt, offsets,
@@ -245,7 +245,7 @@ def decode(
     save_strides = (inter.stride(1), inter.stride(2), *kv_strides(inter)) if intermediate else (0, 0, 0, 0)
     x = _inputs(p)
     if N * HV * T:
-        recurrent_fwd_kernel[(N * HV, triton.cdiv(V, tile.BV))](
+        recurrent_fwd_kernel[(N * HV * triton.cdiv(V, tile.BV),)](
             x["q"], x["k"], x["v"], x["g"], x["beta"], x["a"], x["b"], x["gv"],
             o, pool, pool, slots, pool.shape[0],
             inter, None, None,

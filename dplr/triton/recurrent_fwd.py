@@ -127,11 +127,15 @@ def recurrent_fwd_kernel(
     POOL: tl.constexpr, VARLEN: tl.constexpr,
     ACC: tl.constexpr,
 ):  # fmt: skip
-    """Grid ``(N * HV, cdiv(V, BV))``. Inputs ``[B, T, ·, ·]`` contiguous; ``o [B, T, HV, V]``;
-    the state ``h0``/``ht`` at ``index * s_n + head * s_h + key * s_k + value * s_v`` (``index``
-    the sequence, or its pool slot); the ``save`` buffer likewise with ``e_*`` strides."""
-    i_nh = tl.program_id(0).to(tl.int64)
-    i_v = tl.program_id(1).to(tl.int64)
+    """Grid ``(N * HV * cdiv(V, BV),)``, the value block fastest. Inputs ``[B, T, ·, ·]``
+    contiguous; ``o [B, T, HV, V]``; the state ``h0``/``ht`` at
+    ``index * s_n + head * s_h + key * s_k + value * s_v`` (``index`` the sequence, or its pool
+    slot); the ``save`` buffer likewise with ``e_*`` strides."""
+    # The value blocks of one head are neighbouring programs, so the blocks of a state row that
+    # run side by side read and write neighbouring memory (the decode step is bandwidth-bound).
+    pid = tl.program_id(0).to(tl.int64)
+    NV: tl.constexpr = (V + BV - 1) // BV
+    i_nh, i_v = pid // NV, pid % NV
     i_n, i_hv = i_nh // HV, i_nh % HV
     i_h = i_hv // (HV // H)
     if VARLEN:
