@@ -33,11 +33,12 @@ def check_decode(
     tol: float = 1e-12,
     state_v_first: bool = False,
     seed: int = 0,
+    device: str = "cpu",
     **options,
 ) -> None:
-    """Run a decode step on a random pool and compare with the fp64 reference: outputs,
-    intermediate states after every token, the written slots; untouched slots bit-identical,
-    padding rows zero."""
+    """Run a decode step on a random pool (on ``device``) and compare with the fp64 reference
+    (on the CPU): outputs, intermediate states after every token, the written slots; untouched
+    slots bit-identical, padding rows zero."""
     N = len(slots)
     args = make_inputs(name, B=N, T=T, H=H, HV=HV, K=K, V=V, dtype=dtype, initial_state=False, seed=seed, **options)
     gen = torch.Generator().manual_seed(seed + 1)
@@ -45,9 +46,13 @@ def check_decode(
     pool_kv = torch.randn(P, HV, K, V, generator=gen, dtype=torch.float64).to(state_dtype)
     pool = pool_kv.transpose(-1, -2).contiguous() if state_v_first else pool_kv.clone()
     before = pool.clone()
-    index = torch.tensor(slots)
-
-    o, states = decode_call(name, args, pool, index, state_v_first=state_v_first, return_intermediate_states=True)
+    on_device = {key: x.to(device) if isinstance(x, torch.Tensor) else x for key, x in args.items()}
+    work = pool.to(device)
+    o, states = decode_call(
+        name, on_device, work, torch.tensor(slots, device=device), state_v_first=state_v_first,
+        return_intermediate_states=True,
+    )  # fmt: skip
+    o, states, pool = o.cpu(), states.cpu(), work.cpu()
 
     def as_kv(x: torch.Tensor) -> torch.Tensor:
         return x.transpose(-1, -2) if state_v_first else x

@@ -33,14 +33,11 @@ from .structure import constexprs
 # family, bf16 and fp32, varlen, all gradients, bit-identical across two passes), so
 # DPLR_BACKEND=auto trains on it.
 BACKWARD_CHECKED_ON_GPU = True
-# The value-side decay gv (VALUE_DECAY) passes under TRITON_INTERPRET. On an H200 (code 8d0f2be,
-# benchmarks/results/gpu_value_decay_H200_8d0f2be.log) GLA, KDA and DPLR pass in bf16 (packed
-# sequences too) and GLA in fp32 (gates of -60 per step too), after the fix of an out-of-bounds
-# shared-memory read in the 16-bit state passes (dplr.triton.state._widen). The fp32 KDA and DPLR
-# checks did not finish compiling inside that run and tests/triton/test_value_decay.py stopped on
-# a test-helper device bug (since fixed): until both pass, DPLR_BACKEND=auto keeps gv calls on
-# PyTorch.
-VALUE_DECAY_CHECKED_ON_GPU = False
+# The value-side decay gv (VALUE_DECAY) passes under TRITON_INTERPRET and on an H200 (code
+# f596bf2, benchmarks/results/gpu_value_decay_H200_f596bf2.json): GLA, KDA and DPLR forward and
+# every gradient in bf16 and fp32, packed sequences, gates of -60 per step; and
+# tests/triton/test_value_decay.py on the card. So DPLR_BACKEND=auto runs gv calls here.
+VALUE_DECAY_CHECKED_ON_GPU = True
 
 
 class ChunkIndex:

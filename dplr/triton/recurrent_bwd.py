@@ -53,7 +53,7 @@ def recurrent_bwd_kernel(
     ckpt, ckpt_offsets, cu_seqlens,
     do, dht, scratch,
     dq, dk, dv, dg, dbeta, da, db, dgv, dh0,
-    scale, T, NT,
+    scale: tl.float64, T, NT,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr,
     DECAY: tl.constexpr, LOWRANK: tl.constexpr, VALUE_DECAY: tl.constexpr, CK: tl.constexpr,
@@ -70,6 +70,7 @@ def recurrent_bwd_kernel(
     G: tl.constexpr = HV // H
     i_n, i_hv = i_nh // HV, i_nh % HV
     i_h, i_g = i_hv // G, i_hv % G
+    scale = tl.full((), scale, ACC)  # fp64 in, as in the forward kernel
     if VARLEN:
         bos = tl.load(cu_seqlens + i_n).to(tl.int64)
         eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)

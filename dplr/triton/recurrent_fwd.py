@@ -116,7 +116,7 @@ def recurrent_fwd_kernel(
     h0, ht, slots, num_slots,
     save, save_offsets,
     cu_seqlens,
-    scale, T,
+    scale: tl.float64, T,
     s_n, s_h, s_k, s_v,
     e_n, e_h, e_k, e_v,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
@@ -138,6 +138,9 @@ def recurrent_fwd_kernel(
     i_nh, i_v = pid // NV, pid % NV
     i_n, i_hv = i_nh // HV, i_nh % HV
     i_h = i_hv // (HV // H)
+    # ``scale`` arrives as fp64 (an fp32 argument would round K^-1/2 by up to 6e-8, visible
+    # against an fp64 reference) and is rounded to the compute dtype here.
+    scale = tl.full((), scale, ACC)
     if VARLEN:
         bos = tl.load(cu_seqlens + i_n).to(tl.int64)
         eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)

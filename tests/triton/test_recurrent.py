@@ -88,11 +88,13 @@ def test_head_dim_limit():
 @pytest.mark.parametrize("name", FAMILY_NAMES)
 def test_decode_matches_reference(name):
     """The pool decode kernel: two tokens, a padding row, intermediate states, both layouts."""
-    check_decode(name, slots=[4, -1, 0], T=2, state_v_first=name in ("kda", "rwkv7", "gla"))
+    check_decode(name, slots=[4, -1, 0], T=2, state_v_first=name in ("kda", "rwkv7", "gla"), device=DEVICE)
 
 
 def test_decode_single_token_fp32():
-    check_decode("gated_delta_rule", slots=[3, 0, -1, 5], T=1, H=2, HV=4, K=16, V=8, dtype=torch.float32, tol=1e-5)
+    check_decode(
+        "gated_delta_rule", slots=[3, 0, -1, 5], T=1, H=2, HV=4, K=16, V=8, dtype=torch.float32, tol=1e-5, device=DEVICE
+    )
 
 
 def test_decode_out_of_range_slot_is_not_written():

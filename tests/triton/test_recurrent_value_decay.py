@@ -56,4 +56,4 @@ def test_strong_gates(name, gates):
 @pytest.mark.parametrize("name", NAMES)
 def test_decode_matches_reference(name):
     """The pool decode kernel with gv: two tokens, a padding row, intermediate states."""
-    check_decode(name, slots=[4, -1, 0], T=2, state_v_first=name == "kda", value_decay=True)
+    check_decode(name, slots=[4, -1, 0], T=2, state_v_first=name == "kda", value_decay=True, device=DEVICE)
