@@ -26,10 +26,13 @@ _INPUTS = ("q", "k", "v", "g", "beta", "a", "b", "initial_state", "gv")  # the o
 
 
 def run(problem: Problem, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The PyTorch path: ``chunk_size == RECURRENT_CHUNK`` runs the token loop."""
-    if chunk_size == RECURRENT_CHUNK:
-        return recurrent_fwd(problem)
-    return chunk_fwd(problem, chunk_size=chunk_size)
+    """The PyTorch path: ``chunk_size == RECURRENT_CHUNK`` runs the token loop. The path picks
+    its own precision (``Problem.compute_dtype``), so a caller's autocast is switched off inside:
+    under it the products would run in bf16 (and the triangular solve has no bf16 kernel)."""
+    with torch.autocast(problem.q.device.type, enabled=False):
+        if chunk_size == RECURRENT_CHUNK:
+            return recurrent_fwd(problem)
+        return chunk_fwd(problem, chunk_size=chunk_size)
 
 
 def _forward(backend: str, problem: Problem, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:

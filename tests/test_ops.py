@@ -82,3 +82,15 @@ def test_chunk_equals_recurrent_fp16(name):
     """fp16 inputs run (computed in fp32) and give v's dtype."""
     args = make_inputs(name, B=1, T=33, H=1, K=16, V=16, dtype=torch.float16)
     run_and_compare(name, "chunk", args, TOL[torch.float16])
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", ["rwkv7", "kda"])
+def test_caller_autocast_is_ignored(name, mode):
+    """Under the caller's bf16 autocast the PyTorch path keeps its own precision: the same
+    outputs as without it (the general form's triangular solve has no bf16 kernel at all)."""
+    args = make_inputs(name, B=1, T=40, H=1, K=16, V=16, dtype=torch.float32, output_final_state=True)
+    o, final = op(name, mode)(**args)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        o_cast, final_cast = op(name, mode)(**args)
+    assert o_cast.dtype == o.dtype and torch.equal(o_cast, o) and torch.equal(final_cast, final)
