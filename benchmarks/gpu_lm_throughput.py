@@ -73,8 +73,9 @@ def measure(mixer: str, args, device: torch.device) -> dict:
     model = LM(preset(args.preset, **overrides)).to(device)
     error = check(model, device, model.config.vocab_size)
     tol = 1e-4
-    if not error <= tol:
-        raise SystemExit(f"{mixer}: chunk forward and recurrent decoding differ by {error:.2e} (> {tol:.0e})")
+    if not error <= tol:  # reported and not timed; the other mixers still run
+        print(f"{mixer}: chunk forward and recurrent decoding differ by {error:.2e} (> {tol:.0e}): not timed")
+        return dict(mixer=mixer, check_rel_error=error, check_failed=True)
 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq_len + 1), device=device)
@@ -152,9 +153,13 @@ def main() -> int:
     out.write_text(json.dumps(report, indent=1) + "\n")
     print("\n| mixer | params | ms/step | tokens/s |\n|---|---|---|---|")
     for r in rows:
-        print(f"| {r['mixer']} | {r['parameters'] / 1e6:.1f}M | {r['step_ms']:.1f} | {r['tokens_per_second']:,.0f} |")
+        if r.get("check_failed"):
+            print(f"| {r['mixer']} | check failed ({r['check_rel_error']:.1e}) | - | - |")
+        else:
+            millions, ms, rate = r["parameters"] / 1e6, r["step_ms"], r["tokens_per_second"]
+            print(f"| {r['mixer']} | {millions:.1f}M | {ms:.1f} | {rate:,.0f} |")
     print(f"\nwrote {out}")
-    return 0
+    return 1 if any(r.get("check_failed") for r in rows) else 0
 
 
 if __name__ == "__main__":
