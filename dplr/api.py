@@ -128,7 +128,10 @@ def prepare(name: str, mode: str, args: dict) -> Problem:
             args["beta"], sigmoid=args["use_beta_sigmoid_in_kernel"], allow_neg_eigval=args["allow_neg_eigval"]
         )
         if args["use_qk_l2norm_in_kernel"]:
-            q, k = l2norm(q), l2norm(k)
+            # Normalised in fp32, stored back in the inputs' dtype (as fla-core does): the Triton
+            # kernels pick their build from q's dtype, and fp32 q/k from bf16 inputs would run the
+            # fp32 build (tf32x3 products, C = 32 in the backward), 4-5x slower per layer (H200).
+            q, k = l2norm(q).to(q.dtype), l2norm(k).to(k.dtype)
     elif transition.lowrank is LowRank.GENERAL:
         a, b = args["a"], args["b"]
         for arg_name, x in (("a", a), ("b", b)):

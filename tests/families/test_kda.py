@@ -46,3 +46,21 @@ def test_in_kernel_options_against_reference(dtype):
 def test_safe_gate_changes_nothing():
     args = make_inputs("kda", B=1, T=30, H=1, K=16, V=16, dtype=torch.float64)
     torch.testing.assert_close(chunk_kda(**args, safe_gate=True).output, chunk_kda(**args).output, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_l2norm_in_kernel_keeps_the_input_dtype(dtype, monkeypatch):
+    """The normalised q and k reach the engine in the inputs' dtype (the Triton kernels choose
+    their build from it: fp32 q/k from bf16 inputs would run the slow fp32 build)."""
+    from dplr import api
+
+    seen = {}
+
+    def capture(problem, mode, chunk_size):
+        seen.update(q=problem.q.dtype, k=problem.k.dtype)
+        return problem.v.new_zeros(problem.v.shape), None
+
+    monkeypatch.setattr(api, "_dispatch", capture)
+    args = make_inputs("kda", B=1, T=8, H=1, K=16, V=8, dtype=dtype, use_qk_l2norm_in_kernel=True)
+    chunk_kda(**args)
+    assert seen == dict(q=dtype, k=dtype)
