@@ -119,9 +119,11 @@ PRESETS = {
         head_dim=32,
     ),
     # Zoology's sweep: vocab 8192, T = 512, 64 pairs, 2 layers, widths 64-512, 100K examples,
-    # with easier lengths mixed into training. Trained on the T = 512 task alone for 4 epochs
-    # (6252 steps), KDA and GLA at d = 128 and 256 stayed at chance on an H200
-    # (benchmarks/results/mqar_gpu_H200.json); the mixture has not been run on a GPU yet.
+    # with easier lengths mixed into training. Trained on the T = 512 task alone (fp32, an earlier
+    # session), KDA and GLA at d = 128 and 256 stayed at chance. With the mixture, bf16 and four
+    # models sharing an H200 for 2.5 min each (1300-7000 of the 12512 planned steps), the
+    # accuracies vary from run to run: benchmarks/results/mqar_gpu_H200*.json. Zoology trains
+    # far longer, with a learning-rate sweep.
     "gpu": Preset(
         data=Data(vocab_size=8192, seq_len=512, num_kv_pairs=64),
         mixers=MIXERS,
