@@ -29,7 +29,6 @@ the one launch either way.
 
 from __future__ import annotations
 
-import importlib.util
 from typing import NamedTuple
 
 import torch
@@ -84,7 +83,7 @@ def _run(name: str, args: dict) -> DecodeOutput:
 
 def _backend(x: torch.Tensor, *, value_decay: bool) -> str:
     backend = settings.backend()
-    triton_found = importlib.util.find_spec("triton") is not None
+    triton_found = api.triton_available()
     if backend == "auto":
         if not (x.is_cuda and triton_found):
             return "torch"

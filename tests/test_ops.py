@@ -94,3 +94,22 @@ def test_caller_autocast_is_ignored(name, mode):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         o_cast, final_cast = op(name, mode)(**args)
     assert o_cast.dtype == o.dtype and torch.equal(o_cast, o) and torch.equal(final_cast, final)
+
+
+def test_triton_probe_runs_once(monkeypatch):
+    """Whether Triton is installed is probed once per process, not on every call (the probe
+    searches the import path: about 0.1 ms of host time, more than a decode step's kernel)."""
+    import importlib.util
+
+    from dplr import api, decode
+
+    args = make_inputs("gla", B=1, T=4, H=1, K=8, V=8)
+    api.triton_available()  # the probe, if it has not run yet
+
+    def probe(*_args, **_kwargs):
+        raise AssertionError("find_spec called again")
+
+    monkeypatch.setattr(importlib.util, "find_spec", probe)
+    op("gla", "chunk")(**args)
+    monkeypatch.setenv("DPLR_BACKEND", "auto")
+    assert decode._backend(args["q"], value_decay=False) == "torch"  # a CPU tensor
