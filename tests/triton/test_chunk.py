@@ -35,11 +35,11 @@ def test_strong_decay(name):
     check(name, 32, B=1, T=40, H=1, HV=1, K=16, V=16, gate="strong")
 
 
-@pytest.mark.parametrize("chunk_size", [32, 64])
+@pytest.mark.parametrize("chunk_size", [16, 32, 64])
 @pytest.mark.parametrize("name", ["kda", "rwkv7"])
 def test_chunk_sizes_and_sliced_channels(name, chunk_size):
-    """Several sub-block merge levels; K = 80 runs as two masked channel slices, V = 40 as two
-    masked blocks of value columns."""
+    """One sub-block (C = 16, the general form's backward at K > 128) and several merge levels;
+    K = 80 runs as two masked channel slices, V = 40 as two masked blocks of value columns."""
     check(name, chunk_size, B=2, T=70, H=1, HV=1, K=80, V=40)
 
 
@@ -55,3 +55,23 @@ def test_auto_backend_trains_only_on_backwards_checked_on_a_gpu():
     assert triton_path.has_backward(64, checked_on_gpu=False)
     assert triton_path.has_backward(64) == chunk.BACKWARD_CHECKED_ON_GPU
     assert triton_path.has_backward(triton_path.RECURRENT_CHUNK) == recurrent.BACKWARD_CHECKED_ON_GPU
+
+
+def test_backward_chunk_size_fits_shared_memory(monkeypatch):
+    """On a GPU the backward's chunk size is chosen so its kernels fit Hopper's shared memory
+    (sizes from sm_90 compiles, see configs.chunk_backward)."""
+    from dplr.triton import configs
+
+    monkeypatch.setattr(configs, "interpreting", lambda: False)
+
+    def chosen(K, dtype, lowrank):
+        return configs.chunk_backward(K=K, V=K, C=64, dtype=dtype, lowrank=lowrank).C
+
+    assert chosen(128, torch.bfloat16, "tied") == 64
+    assert chosen(256, torch.bfloat16, "tied") == 64
+    assert chosen(128, torch.float32, "tied") == 32
+    assert chosen(128, torch.bfloat16, "general") == 32
+    assert chosen(256, torch.bfloat16, "general") == 16
+    assert chosen(256, torch.float16, "general") == 16
+    assert chosen(256, torch.float32, "general") == 32
+    assert configs.chunk_backward(K=256, V=256, C=8, dtype=torch.bfloat16, lowrank="general").C == 8
