@@ -131,8 +131,9 @@ def recurrent_fwd_kernel(
     contiguous; ``o [B, T, HV, V]``; the state ``h0``/``ht`` at
     ``index * s_n + head * s_h + key * s_k + value * s_v`` (``index`` the sequence, or its pool
     slot); the ``save`` buffer likewise with ``e_*`` strides."""
-    # The value blocks of one head are neighbouring programs, so the blocks of a state row that
-    # run side by side read and write neighbouring memory (the decode step is bandwidth-bound).
+    # The value blocks of one head are neighbouring programs (as in fla-core's decode kernel), so
+    # the blocks of a state row that run side by side touch neighbouring memory. Measured on an
+    # H200 (decode, N = 256, KDA and GDN): the same time as the (N * HV, NV) grid before it.
     pid = tl.program_id(0).to(tl.int64)
     NV: tl.constexpr = (V + BV - 1) // BV
     i_nh, i_v = pid // NV, pid % NV
