@@ -7,7 +7,8 @@
 2. Speed: forward and forward+backward medians of ``triton.testing.do_bench`` for the same op
    with and without ``gv`` at (B, T, H, K = V) = (4, 8192, 16, 128) in bf16, and their ratio
    (the target: ``gv`` costs under 15%). ``--variants`` also times other value blocks of the
-   state passes with ``gv``.
+   state passes with ``gv``; ``--profile`` adds the device time of every kernel, with ``gv`` and
+   without, to find where the difference goes.
 
 Writes ``benchmarks/results/gpu_value_decay_<card>.json``; exits 1 if a check fails.
 ``--smoke`` runs the same code on CPU under TRITON_INTERPRET=1 (fp32, tiny shapes, wall-clock
@@ -40,7 +41,7 @@ if "--smoke" in sys.argv:  # before Triton is first imported
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.gpu_chunk import bench, gpu_inputs  # noqa: E402
+from benchmarks.gpu_chunk import bench, gpu_inputs, kernel_times  # noqa: E402
 from dplr import provenance  # noqa: E402
 from dplr.testing import float_tensors, make_inputs, op, reference, rel_err  # noqa: E402
 
@@ -194,7 +195,7 @@ def timed(fn, *, backward: bool, device: str) -> float:
     return (time.perf_counter() - started) * 1e3
 
 
-def speed(families: list[str], shape: tuple, variants: list[str], device: str) -> list[dict]:
+def speed(families: list[str], shape: tuple, variants: list[str], device: str, *, profile: bool = False) -> list[dict]:
     B, T, H, K = shape
     rows = []
     for name in families:
@@ -208,6 +209,10 @@ def speed(families: list[str], shape: tuple, variants: list[str], device: str) -
                 row["plain_ms"] = timed(lambda a=plain, n=name: op(n, "chunk")(**a), backward=backward, device=device)
                 row["gv_ms"] = timed(lambda a=args, n=name: op(n, "chunk")(**a), backward=backward, device=device)
                 row["ratio"] = row["gv_ms"] / row["plain_ms"]
+                if profile and device == "cuda":  # where the difference goes, kernel by kernel
+                    for key, a in (("plain_kernels_ms", plain), ("gv_kernels_ms", args)):
+                        row[key] = kernel_times(lambda a=a, n=name: op(n, "chunk")(**a), backward=backward)
+                        print(f"    {key}:", {k: round(v, 3) for k, v in row[key].items()}, flush=True)
                 for variant in variants:
                     with state_variant(VARIANTS[variant]):
                         row.setdefault("variants_ms", {})[variant] = timed(
@@ -237,6 +242,7 @@ def main() -> int:
     ap.add_argument("--check-only", action="store_true", help="correctness only (several can run side by side)")
     ap.add_argument("--speed-only", action="store_true", help="timing only, after a --check-only run passed")
     ap.add_argument("--stages", action="store_true", help="only run each launch alone, to name one that faults")
+    ap.add_argument("--profile", action="store_true", help="per-kernel device times, with gv and without")
     ap.add_argument(
         "--out", default=None, help="results directory (default benchmarks/results; a temporary one for --smoke)"
     )
@@ -288,7 +294,7 @@ def main() -> int:
         return 1 if failed or result.get("pytest", {}).get("returncode") else 0
     shape = (1, 64, 1, 16) if ns.smoke else SHAPE
     print(f"speed, (B, T, H, K = V) = {shape}, {'fp32 (interpreter)' if ns.smoke else 'bf16'}:", flush=True)
-    result["speed"] = speed(families, shape, variants, device)
+    result["speed"] = speed(families, shape, variants, device, profile=ns.profile)
     result["seconds"] = time.time() - started
     path.write_text(json.dumps(result, indent=1))
 
