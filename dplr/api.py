@@ -130,8 +130,9 @@ def prepare(name: str, mode: str, args: dict) -> Problem:
         )
         if args["use_qk_l2norm_in_kernel"]:
             # Normalised in fp32, stored back in the inputs' dtype (as fla-core does): the Triton
-            # kernels pick their build from q's dtype, and fp32 q/k from bf16 inputs would run the
-            # fp32 build (tf32x3 products, C = 32 in the backward), 4-5x slower per layer (H200).
+            # kernels pick their build from q's dtype, and fp32 q/k from bf16 inputs ran the fp32
+            # build (tf32x3 products, C = 32 in the backward): a 125M KDA training step took
+            # 338 ms instead of 176 on an H200.
             q, k = l2norm(q).to(q.dtype), l2norm(k).to(k.dtype)
     elif transition.lowrank is LowRank.GENERAL:
         a, b = args["a"], args["b"]
