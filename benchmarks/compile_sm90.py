@@ -108,21 +108,24 @@ def main() -> None:
             columns = dict(HV=16, V=ns.V, C=ns.C, BV=cfg.BV_columns, MERGES=merges, LOWRANK=lowrank, STORE_O=True,
                            PREC=cfg.precision, NS=1)  # fmt: skip
             print(f"  columns [{usage(compile_kernel(chunk_columns_kernel, columns, 4, ns.dtype))}]", flush=True)
-        if ns.backward:
-            names = ("HV", "K", "V", "KP", "C", "BV", "DECAY", "LOWRANK", "VALUE_DECAY", "PREC")
-            state_bwd = {key: state[key] for key in names}
-            state_bwd.update(USE_DHT=True, STORE_DH0=True, NUM_STAGES=cfg.stages_state, NS=cfg.stages_state)
-            k3 = compile_kernel(chunk_state_bwd_kernel, state_bwd, cfg.warps_state, ns.dtype)
+        if ns.backward:  # at the backward's own chunk size (it recomputes the forward's quantities with it)
             bwd = configs.chunk_backward(K=ns.K, V=ns.V, C=ns.C, dtype=dtype, lowrank=LOWRANK_NAMES[lowrank])
-            values = dict(HV=16, K=ns.K, V=ns.V, KP=triton.next_power_of_2(ns.K), C=ns.C, BV=bwd.BV_values,
+            C, L = bwd.C, min(16, bwd.C)
+            merges, levels = C.bit_length() - 1, (C // L).bit_length() - 1
+            names = ("HV", "K", "V", "KP", "BV", "DECAY", "LOWRANK", "VALUE_DECAY", "PREC")
+            state_bwd = {key: state[key] for key in names}
+            state_bwd.update(C=C, USE_DHT=True, STORE_DH0=True, NUM_STAGES=cfg.stages_state, NS=cfg.stages_state)
+            k3 = compile_kernel(chunk_state_bwd_kernel, state_bwd, cfg.warps_state, ns.dtype)
+            values = dict(HV=16, K=ns.K, V=ns.V, KP=triton.next_power_of_2(ns.K), C=C, BV=bwd.BV_values,
                           MERGES=merges, DECAY=decay, LOWRANK=lowrank, VALUE_DECAY=vd,
                           PREC=cfg.precision, NS=1)  # fmt: skip
             k4 = compile_kernel(chunk_grad_values_kernel, values, bwd.warps_values, ns.dtype)
-            keys = {key: prep[key] for key in ("H", "HV", "K", "C", "L", "LEVELS", "BK", "DECAY", "LOWRANK", "PREC")}
-            k5 = compile_kernel(chunk_grad_keys_kernel, dict(keys, NS=1), 4, ns.dtype)
-            print(f"  backward: state [{usage(k3)}]  values [{usage(k4)}]  keys [{usage(k5)}]", flush=True)
+            keys = {key: prep[key] for key in ("H", "HV", "K", "DECAY", "LOWRANK", "PREC")}
+            keys.update(C=C, L=L, LEVELS=levels, BK=bwd.BK_keys, NS=1)
+            k5 = compile_kernel(chunk_grad_keys_kernel, keys, bwd.warps_keys, ns.dtype)
+            print(f"  backward (C = {C}): state [{usage(k3)}]  values [{usage(k4)}]  keys [{usage(k5)}]", flush=True)
             if vd and lowrank:
-                columns_bwd = dict(HV=16, V=ns.V, C=ns.C, BV=cfg.BV_columns, MERGES=merges, PREC=cfg.precision, NS=1)
+                columns_bwd = dict(HV=16, V=ns.V, C=C, BV=cfg.BV_columns, MERGES=merges, PREC=cfg.precision, NS=1)
                 k6 = compile_kernel(chunk_columns_bwd_kernel, columns_bwd, 4, ns.dtype)
                 print(f"  backward columns [{usage(k6)}]", flush=True)
 

@@ -103,21 +103,13 @@ def chunk_backward(
     shared memory per C x C matrix, twice over for tf32x3: at C = 64 the general form (bf16:
     288 KiB) and fp32 inputs (KDA: 288 KiB) exceed Hopper's 227 KiB, so those run the backward
     with chunks of 32 (general fp32: 72 KiB). At K = V = 256 (sm_90 compiles on a CPU, not run on
-    a GPU yet) everything fits at those sizes except the general form's 16-bit keys kernel, which
-    needs 288 KiB at C = 32 and 5 KiB at C = 16: it runs with chunks of 16 (its values kernel then
-    spills 11 KiB per thread, slow but within limits). The interpreter has no such limit and keeps
-    the caller's chunk size, so CI's fp32 tests still cover the C = 64 kernels that bf16 runs."""
+    a GPU yet) every build fits at those sizes (largest: KDA bf16 at C = 64, values kernel 176 KiB;
+    the general form at C = 32, 72 KiB, but with 32 registers and 5-14 KiB of stack per thread).
+    The interpreter has no such limit and keeps the caller's chunk size, so CI's fp32 tests still
+    cover the C = 64 kernels that bf16 runs."""
     KP, VP = triton.next_power_of_2(K), triton.next_power_of_2(V)
-    if interpreting():
-        largest = C
-    elif lowrank == "general" and dtype != torch.float32 and KP > 128:
-        largest = 16
-    elif lowrank == "general" or dtype == torch.float32:
-        largest = 32
-    else:
-        largest = C
     return ChunkBackward(
-        C=min(C, largest),
+        C=min(C, 32) if (lowrank == "general" or dtype == torch.float32) and not interpreting() else C,
         BV_values=max(16, min(32, VP)),
         # H200, (4, 8192, 16, 128), forward+backward: 8 warps for the values kernel without a
         # low-rank term (simple GLA 8.8 -> 6.6 ms, GLA 17.2 -> 14.9) but not with one (GDN
