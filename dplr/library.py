@@ -210,6 +210,5 @@ def dispatch(problem: Problem, chunk_size: int, backend: str) -> tuple[torch.Ten
         return _KeepingChunk.apply(problem, chunk_size, *_inputs(problem))
     p = problem
     return recurrence_op(
-        p.q, p.k, p.v, p.g, p.beta, p.a, p.b, p.initial_state, p.gv, p.cu_seqlens, p.scale,
-        p.transition.decay.value, p.transition.lowrank.value, chunk_size, backend,
-    )  # fmt: skip
+        *_inputs(p), p.cu_seqlens, p.scale, p.transition.decay.value, p.transition.lowrank.value, chunk_size, backend
+    )

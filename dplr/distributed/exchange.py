@@ -155,15 +155,17 @@ class Exchange(torch.autograd.Function):
         return None, None, d_head_wide, d_head_decay, d_head_final, d_o[:, L:], d_summary, d_rest_finals
 
 
+def _sixteen_bit_on_cuda(tokens: torch.Tensor, carry: torch.Tensor) -> bool:
+    """CUDA, 16-bit per-token tensors and an fp32 carry: where the per-token products may run on
+    TF32 (:func:`_tf32_matmuls`) and, with Triton, as one pass (:func:`_fused`)."""
+    sixteen = tokens.dtype in (torch.bfloat16, torch.float16)
+    return tokens.device.type == "cuda" and sixteen and carry.dtype == torch.float32
+
+
 def _fused(tokens: torch.Tensor, carry: torch.Tensor) -> bool:
-    """Whether :func:`_per_token` runs as a Triton pass (:mod:`dplr.triton.carry`): CUDA, 16-bit
-    tokens and an fp32 carry, where the PyTorch form spends more on copies than on math."""
-    return (
-        carry_product is not None
-        and tokens.device.type == "cuda"
-        and tokens.dtype in (torch.bfloat16, torch.float16)
-        and carry.dtype == torch.float32
-    )
+    """Whether :func:`_per_token` runs as a Triton pass (:mod:`dplr.triton.carry`), where the
+    PyTorch form spends more on copies than on math."""
+    return carry_product is not None and _sixteen_bit_on_cuda(tokens, carry)
 
 
 def _per_token(
@@ -212,13 +214,7 @@ def _tf32_matmuls(tokens: torch.Tensor, carry: torch.Tensor) -> contextlib.Abstr
     these shapes get otherwise ([L, K] × [K, V] per head) ran at ~15 TFLOP/s on an H200, ~4 ms
     per product on the critical path at L = 110K tokens. fp32/fp64 tokens stay exact. The
     setting is process-wide, so it is set only around these products and restored after."""
-    if (
-        tokens.device.type != "cuda"
-        or tokens.dtype not in (torch.bfloat16, torch.float16)
-        or carry.dtype != torch.float32
-    ):
-        return contextlib.nullcontext()
-    return _matmul_precision("tf32")
+    return _matmul_precision("tf32") if _sixteen_bit_on_cuda(tokens, carry) else contextlib.nullcontext()
 
 
 @contextlib.contextmanager
