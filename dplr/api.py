@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
+from collections.abc import Callable
 
 import torch
 
@@ -180,13 +181,20 @@ def _in_kernel_gate(name: str, f: torch.Tensor, args: dict, dims: checks.Dims, q
 
 
 def _dispatch(problem: Problem, mode: str, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    backend = settings.backend()
     kernel_chunk = library.RECURRENT_CHUNK if mode == RECURRENT else chunk_size
-    if backend == "auto":
-        backend = "triton" if _triton_suits(problem, kernel_chunk) else "torch"
-    elif backend == "triton" and not triton_available():
-        raise RuntimeError("DPLR_BACKEND=triton, but triton does not import")
+    backend = resolve_backend(lambda: _triton_suits(problem, kernel_chunk))
     return library.dispatch(problem, kernel_chunk, backend)
+
+
+def resolve_backend(triton_suits: Callable[[], bool]) -> str:
+    """``DPLR_BACKEND``, with ``auto`` made ``triton`` where ``triton_suits()`` (asked only then)
+    and ``torch`` elsewhere; ``triton`` without Triton installed is an error."""
+    backend = settings.backend()
+    if backend == "auto":
+        return "triton" if triton_suits() else "torch"
+    if backend == "triton" and not triton_available():
+        raise RuntimeError("DPLR_BACKEND=triton, but triton does not import")
+    return backend
 
 
 def _triton_suits(problem: Problem, chunk_size: int) -> bool:

@@ -33,7 +33,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import api, checks, settings
+from . import api, checks
 from .engine import Problem
 from .torch_recurrent import step
 from .transition import Decay, LowRank, Transition, expand_heads
@@ -82,19 +82,16 @@ def _run(name: str, args: dict) -> DecodeOutput:
 
 
 def _backend(x: torch.Tensor, *, value_decay: bool) -> str:
-    backend = settings.backend()
-    triton_found = api.triton_available()
-    if backend == "auto":
-        if not (x.is_cuda and triton_found):
-            return "torch"
-        if value_decay:  # gv runs on the kernel once it passed a GPU check
-            from . import triton as triton_path
+    def triton_suits() -> bool:  # CUDA; gv runs on the kernel once it passed a GPU check
+        if not (x.is_cuda and api.triton_available()):
+            return False
+        if not value_decay:
+            return True
+        from . import triton as triton_path
 
-            return "triton" if triton_path.value_decay_checked(triton_path.RECURRENT_CHUNK) else "torch"
-        return "triton"
-    if backend == "triton" and not triton_found:
-        raise RuntimeError("DPLR_BACKEND=triton, but triton does not import")
-    return backend
+        return triton_path.value_decay_checked(triton_path.RECURRENT_CHUNK)
+
+    return api.resolve_backend(triton_suits)
 
 
 def _check_pool(pool, indices, problem: Problem, *, state_v_first: bool) -> None:
