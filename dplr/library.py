@@ -178,9 +178,17 @@ class _KeepingChunk(torch.autograd.Function):
         from .triton import chunk as triton_chunk
 
         problem = dataclasses.replace(ctx.problem, **dict(zip(_INPUTS, ctx.saved_tensors, strict=True)))
-        kept, ctx.kept, ctx.problem = ctx.kept, None, None  # freed with the backward's own references
-        grads = triton_chunk.backward(problem, d_out, d_final, ctx.chunk_size, kept=kept)
+        ctx.problem = None
+        # Handed over with no reference left here or on ctx, so that the backward frees each kept
+        # tensor as soon as it is spent, as it frees its own recomputed ones.
+        grads = triton_chunk.backward(problem, d_out, d_final, ctx.chunk_size, kept=_hand_over(ctx))
         return (None, None, *grads)
+
+
+def _hand_over(ctx) -> object:
+    """``ctx.kept``, cleared on ``ctx``."""
+    kept, ctx.kept = ctx.kept, None
+    return kept
 
 
 def _inputs(problem: Problem) -> list[torch.Tensor | None]:

@@ -357,9 +357,9 @@ def backward(
             PREC=cfg.precision, num_warps=bwd.warps_values,
         )  # fmt: skip
     G_cum, M_solve, A_kk, decay_end = prep.G, prep.M, prep.A_kk, prep.decay_end
-    # The chunk states, their gradients and the forward's other tiles are done with: freed before
-    # the keys kernel's outputs exist, which takes 2 x [chunks, HV, K, V] fp32 off the peak.
-    del prep, states, d_states, u_col
+    # The chunk states, their gradients and the forward's other tiles (recomputed or kept) are done
+    # with: freed before the keys kernel's outputs exist, 2 x [chunks, HV, K, V] fp32 off the peak.
+    del prep, states, d_states, u_col, kept
     # the inputs' gradients per value head, summed over a key head's value heads below
     dq, dk = f32(NT, HV, K), f32(NT, HV, K)
     da, db = f32(NT, HV, K, used=general), f32(NT, HV, K, used=general)

@@ -54,3 +54,32 @@ def test_no_gradient_no_keeping(monkeypatch):
     with torch.no_grad():
         op("kda", "chunk")(**args)
     assert not called
+
+
+def test_kept_states_freed_before_the_keys_kernel(monkeypatch):
+    """The kept chunk states are released once the values kernel has read them, as the
+    recomputed ones are: nothing holds them while the keys kernel's outputs exist."""
+    import weakref
+
+    monkeypatch.setenv("DPLR_KEEP_INTERMEDIATES", "1")
+    refs, alive = [], []
+    real_keeping, real_keys = chunk.forward_keeping, chunk.chunk_grad_keys_kernel
+
+    def keeping(*a, **k):
+        o, final, kept = real_keeping(*a, **k)
+        refs.append(weakref.ref(kept.states))
+        return o, final, kept
+
+    class Keys:  # the keys kernel, noting whether the kept states still exist when it launches
+        def __getitem__(self, grid):
+            alive.append(refs[0]() is not None)
+            return real_keys[grid]
+
+    monkeypatch.setattr(chunk, "forward_keeping", keeping)
+    monkeypatch.setattr(chunk, "chunk_grad_keys_kernel", Keys())
+    args = make_inputs("kda", B=1, T=20, H=1, HV=1, K=16, V=16, dtype=torch.float32, device=DEVICE, chunk_size=16)
+    for name in float_tensors(args):
+        args[name].requires_grad_(True)
+    o, _ = op("kda", "chunk")(**args)
+    o.sum().backward()
+    assert alive == [False]
