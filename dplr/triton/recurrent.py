@@ -45,11 +45,12 @@ class Tiles:
 # warps). The recurrent passes are latency-bound (one dependent step per token), so one warp
 # per program keeps every reduction over K in shuffles, with no barrier; 32 values a thread
 # and tile fit in registers (the backward holds three tiles). The decode step is bandwidth-
-# bound and wants more bytes in flight per program. Tuning data: benchmarks/gpu_recurrent.py;
-# its sweep on an H200 (benchmarks/results/gpu_recurrent_H200.json, N = 256, H = 32,
-# K = V = 128, fp32 pool) put the decode step at 0.311 ms (KDA) and 0.293 ms (GDN) with
-# 8192 values on 2 warps (BV = 64), against 0.346 / 0.336 ms with 4096 on 4 (the earlier default).
-TILES = {"forward": (1024, 1), "backward": (1024, 1), "decode": (8192, 2)}
+# bound and wants more bytes in flight per program. Tuning data: the decode sweep on an H200
+# (benchmarks/results/gpu_decode_tiles_H200_280dde8.json: N = 256, H = 32, K = V = 128, fp32
+# pool, CUDA graph replay), once the slot's strides were compile-time constants: 8192 values on
+# 4 warps (BV = 64) take 0.275 ms (KDA) and 0.276 ms (GDN), against 0.287 / 0.282 ms on 2
+# warps (the default before) and 0.286 / 0.369 ms for fla-core on the same inputs.
+TILES = {"forward": (1024, 1), "backward": (1024, 1), "decode": (8192, 4)}
 
 
 def tiles(K: int, V: int, kind: str) -> Tiles:
