@@ -5,20 +5,24 @@ columns and the column-decayed product ``Y = (A ∘ F) Z``, forward and backward
 :func:`~dplr.triton.intra.chunk_prepare_kernel` (``[BT, HV, V]``). Every factor is an ``exp``
 of a *difference* of these sums, rounded to fp32 only then: under strong gates ``|GV|`` reaches
 thousands inside a chunk, and fp32 sums would give ``exp(GV_i - GV_j)`` a relative error of
-``|GV| · 6e-8`` where that factor is what the gate's gradient is made of. No ``exp(-GV)`` is
-ever formed, and every factor is ``<= 1``:
+``|GV| · 6e-8`` where that factor is what the gate's gradient is made of. Every factor is
+``<= 1``, except ``exp(-GV)`` on a chunk that decays by at most ``CHUNK_LIMIT`` (below):
 
 * ``exp(GV_i)``, ``exp(GV_C - GV_j)``, ``exp(GV_C)``;
-* ``((A ∘ F) Z)[i, c] = Σ_{j <= i} A[i, j] exp(GV_ic - GV_jc) Z[j, c]`` by pairwise merges, level
-  by level from the chunk's halves down to single tokens: at a level of halves of ``h`` tokens,
-  the lower half's rows meet the upper half's columns at ``c``, the sum at the upper half's end,
-  as ``exp(GV_i - c) · exp(c - GV_j)``, one tensor-core product per level (``log2 C`` in all;
-  every pair ``j < i`` meets at exactly one level, the highest bit in which ``i`` and ``j``
-  differ). Unlike the key side (:mod:`dplr.triton.intra`) there are no sub-blocks against a
-  middle, so no clamps and no exact fallback for fast-decaying blocks: every gate takes the
-  same path, for ``log2 C`` masked products where the sub-blocks take ``1 + log2(C / 16)``
-  (sm_90, KDA's forward state pass at BV = 32: 2.4 KiB of stack per thread against 1.6 KiB
-  for sub-blocks with the fallback; the state passes run ``gv`` on blocks of 16 for it);
+* ``((A ∘ F) Z)[i, c] = Σ_{j <= i} A[i, j] exp(GV_ic - GV_jc) Z[j, c]``, in one of two ways per
+  program (chunk, value head, block of columns), chosen at run time:
+
+  - a chunk whose columns decay by at most ``CHUNK_LIMIT`` (60, as on the PyTorch path; trained
+    gates decay a chunk of 64 by about 5 to 30) is factorised whole against its start:
+    ``exp(GV_i) · [A (Z ⊙ exp(-GV_j))]``, one tensor-core product, with row factors ``<= 1`` and
+    column factors ``<= exp(60)``: normal fp32 numbers, far from overflow in the products;
+  - any other chunk takes pairwise merges, level by level from the chunk's halves down to single
+    tokens: at a level of halves of ``h`` tokens, the lower half's rows meet the upper half's
+    columns at ``c``, the sum at the upper half's end, as ``exp(GV_i - c) · exp(c - GV_j)``, both
+    ``<= 1``, one product per level (``log2 C`` in all; every pair ``j < i`` meets at exactly one
+    level, the highest bit in which ``i`` and ``j`` differ). Every gate takes this path safely,
+    -60 per step included; it costs ``log2 C`` products and exponentials per element where the
+    whole chunk takes one of each;
 * the pairs ``j = i`` (factor ``exp(0)``) are added apart and pass nothing to the gate, as on
   the key side.
 
@@ -32,8 +36,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ..torch_chunk.intra import CHUNK_LIMIT as _CHUNK_LIMIT
 from .intra import _chunk_rows, _gather_G, _load_rows, _store_rows
 from .structure import LOWRANK_GENERAL, LOWRANK_NONE, LOWRANK_TIED
+
+CHUNK_LIMIT = tl.constexpr(_CHUNK_LIMIT)  # as on the PyTorch path: a chunk decaying less is factorised whole
 
 
 @triton.jit
@@ -81,14 +88,33 @@ def _diagonal(A):
 
 
 @triton.jit
+def _whole_chunk(GV, row0, n, vcols, stride, V, C: tl.constexpr):
+    """Whether the chunk's columns ``vcols`` decay by at most ``CHUNK_LIMIT`` (every column), and
+    if so the factors ``exp(GV_i)`` (``<= 1``) and ``exp(-GV_j)`` (``<= exp(CHUNK_LIMIT)``) that
+    factorise every pair at once: ``F_c[i, j] = exp(GV_ic) · exp(-GV_jc)``. Without a value decay
+    of more than ``CHUNK_LIMIT`` nothing overflows (the masked upper pairs are finite, at most
+    ``exp(CHUNK_LIMIT)`` times the operands, and are removed by the mask); otherwise the factors
+    are unused (their exponents are clamped only so that they stay finite)."""
+    G = _sums(GV, row0, n, vcols, stride, V, C)
+    fast = tl.min(G) >= -CHUNK_LIMIT  # G decreases down the chunk: its least is the chunk's decay
+    return fast, tl.exp(G.to(tl.float32)), tl.exp(tl.minimum(-G, CHUNK_LIMIT).to(tl.float32))
+
+
+@triton.jit
 def column_product(A, Z, GV, row0, n, vcols, stride, V, C: tl.constexpr, MERGES: tl.constexpr, PREC: tl.constexpr):
-    """``(A ∘ F) Z`` for a lower-triangular ``A [C, C]`` and ``Z [C, BV]``, fp32; ``MERGES = log2(C)``."""
+    """``(A ∘ F) Z`` for a lower-triangular ``A [C, C]`` and ``Z [C, BV]``, fp32; ``MERGES = log2(C)``.
+    A chunk that decays by at most ``CHUNK_LIMIT`` takes one product; a faster one the merges."""
     A = A.to(tl.float32)
     Z = Z.to(tl.float32)
+    i = tl.arange(0, C)
     Y = _diagonal(A)[:, None] * Z
-    for level in tl.range(MERGES):
-        x_f, y_f, meet = _level(GV, row0, n, vcols, stride, V, C, MERGES, level)
-        Y += x_f * tl.dot(tl.where(meet, A, 0.0), Z * y_f, input_precision=PREC)
+    fast, x_f, y_f = _whole_chunk(GV, row0, n, vcols, stride, V, C)
+    if fast:
+        Y += x_f * tl.dot(tl.where(i[:, None] > i[None, :], A, 0.0), Z * y_f, input_precision=PREC)
+    else:
+        for level in tl.range(MERGES):
+            x_l, y_l, meet = _level(GV, row0, n, vcols, stride, V, C, MERGES, level)
+            Y += x_l * tl.dot(tl.where(meet, A, 0.0), Z * y_l, input_precision=PREC)
     return Y
 
 
@@ -99,7 +125,8 @@ def column_product_bwd(
 ):  # fmt: skip
     """``dZ = (A ∘ F)ᵀ dY``; with ``GRADS`` also ``dA [C, C]`` (every pair, the diagonal included)
     and ``dGV [C, BV]``, the gradient of the cumulative decays through the factors (without
-    ``GRADS``, ``Z`` goes unused and the two come back as zeros)."""
+    ``GRADS``, ``Z`` goes unused and the two come back as zeros). The same two paths as
+    :func:`column_product`."""
     i = tl.arange(0, C)
     A = A.to(tl.float32)
     dY = dY.to(tl.float32)
@@ -109,15 +136,26 @@ def column_product_bwd(
     dG = tl.zeros_like(dY)
     if GRADS:
         dA = tl.where(i[:, None] == i[None, :], tl.sum(dY * Z, axis=1)[:, None], 0.0)
-    for level in tl.range(MERGES):
-        x_f, y_f, meet = _level(GV, row0, n, vcols, stride, V, C, MERGES, level)
-        A_m = tl.where(meet, A, 0.0)
-        dZ_l = y_f * tl.dot(tl.trans(A_m), x_f * dY, input_precision=PREC)
-        dZ += dZ_l
+    fast, x_f, y_f = _whole_chunk(GV, row0, n, vcols, stride, V, C)
+    if fast:
+        strict = i[:, None] > i[None, :]
+        A_m = tl.where(strict, A, 0.0)
+        dZ_f = y_f * tl.dot(tl.trans(A_m), x_f * dY, input_precision=PREC)
+        dZ += dZ_f
         if GRADS:
             Z_f = Z * y_f
-            dA += tl.where(meet, tl.dot(x_f * dY, tl.trans(Z_f), input_precision=PREC), 0.0)
-            dG += dY * x_f * tl.dot(A_m, Z_f, input_precision=PREC) - Z * dZ_l
+            dA += tl.where(strict, tl.dot(x_f * dY, tl.trans(Z_f), input_precision=PREC), 0.0)
+            dG += dY * x_f * tl.dot(A_m, Z_f, input_precision=PREC) - Z * dZ_f
+    else:
+        for level in tl.range(MERGES):
+            x_l, y_l, meet = _level(GV, row0, n, vcols, stride, V, C, MERGES, level)
+            A_l = tl.where(meet, A, 0.0)
+            dZ_l = y_l * tl.dot(tl.trans(A_l), x_l * dY, input_precision=PREC)
+            dZ += dZ_l
+            if GRADS:
+                Z_l = Z * y_l
+                dA += tl.where(meet, tl.dot(x_l * dY, tl.trans(Z_l), input_precision=PREC), 0.0)
+                dG += dY * x_l * tl.dot(A_l, Z_l, input_precision=PREC) - Z * dZ_l
     return dZ, dA, dG
 
 

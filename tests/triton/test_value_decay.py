@@ -61,6 +61,17 @@ def test_mixed_gates_within_channels():
     check("gla", 64, args)
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_fast_and_slow_chunks_in_one_call(name):
+    """Chunks that decay by at most CHUNK_LIMIT take one product against the chunk's start, the
+    others the merges: here the second of three chunks of 32 holds one step of -70 in one value
+    channel (so its whole block of columns takes the merges) and the rest decay slowly."""
+    args = inputs(name, B=1, T=90, H=1, HV=1, K=16, V=16)
+    args["gv"] = args["gv"].clone()
+    args["gv"][0, 40, 0, 3] = -70.0
+    check(name, 32, args)
+
+
 def test_zero_value_decay_is_the_plain_op():
     """``gv = 0`` gives what the op without ``gv`` gives (the VALUE_DECAY kernels against the others)."""
     args = inputs("dplr_delta_rule", B=1, T=40, H=1, HV=1, K=16, V=16, chunk_size=32)
