@@ -14,7 +14,7 @@ Writes ``benchmarks/results/gpu_value_decay_<card>.json``; exits 1 if a check fa
 ``--smoke`` runs the same code on CPU under TRITON_INTERPRET=1 (fp32, tiny shapes, wall-clock
 times that mean nothing) and writes its JSON to a temporary directory unless ``--out`` is given.
 
-    python benchmarks/gpu_value_decay.py [--families gla,kda] [--variants bv32,bv64] [--smoke]
+    python benchmarks/gpu_value_decay.py [--families gla,kda] [--variants bv16,values16] [--smoke]
     CUDA_LAUNCH_BLOCKING=1 python benchmarks/gpu_value_decay.py --stages   # which launch faults
 """
 
@@ -57,8 +57,15 @@ CASES = (
     (torch.float32, None, "normal"),
     (torch.float32, [0, 37, 37, 200], "strong"),
 )
-# Launch variants of the state passes with gv, timed beside the default (``--variants``).
-VARIANTS = {"bv32": dict(BV_state=32), "bv64": dict(BV_state=64)}
+# Launch variants of the gv kernels, timed beside the default (``--variants``); with
+# ``--check-only`` the checks run under the one variant given. Fields of the forward's
+# configuration (dplr.triton.configs.ChunkForward) or of the backward's (ChunkBackward).
+VARIANTS = {
+    "bv16": dict(BV_state=16),
+    "bv64": dict(BV_state=64),
+    "values16": dict(BV_values=16),
+    "values16x8": dict(BV_values=16, warps_values=8),
+}
 
 
 def check(name: str, dtype: torch.dtype, cu_seqlens: list[int] | None, gate: str, device: str, smoke: bool) -> dict:
@@ -167,21 +174,28 @@ def timing_inputs(name: str, B: int, T: int, H: int, K: int, device: str) -> dic
 
 
 @contextlib.contextmanager
-def state_variant(fields: dict):
-    """The forward's launch configuration with ``fields`` replaced where ``gv`` is present."""
+def launch_variant(fields: dict):
+    """The launch configurations with ``fields`` replaced where ``gv`` is present."""
     from dplr.triton import configs
 
-    chosen = configs.chunk_forward
+    chosen = {"chunk_forward": configs.chunk_forward, "chunk_backward": configs.chunk_backward}
+    kinds = {"chunk_forward": configs.ChunkForward, "chunk_backward": configs.ChunkBackward}
 
-    def replaced(**kw):
-        cfg = chosen(**kw)
-        return dataclasses.replace(cfg, **fields) if kw.get("value_decay") else cfg
+    def replacing(make, names):
+        def replaced(**kw):
+            cfg = make(**kw)
+            mine = {k: v for k, v in fields.items() if k in names}
+            return dataclasses.replace(cfg, **mine) if kw.get("value_decay") and mine else cfg
 
-    configs.chunk_forward = replaced
+        return replaced
+
+    for attr, make in chosen.items():
+        setattr(configs, attr, replacing(make, {f.name for f in dataclasses.fields(kinds[attr])}))
     try:
         yield
     finally:
-        configs.chunk_forward = chosen
+        for attr, make in chosen.items():
+            setattr(configs, attr, make)
 
 
 def timed(fn, *, backward: bool, device: str) -> float:
@@ -214,7 +228,7 @@ def speed(families: list[str], shape: tuple, variants: list[str], device: str, *
                         row[key] = kernel_times(lambda a=a, n=name: op(n, "chunk")(**a), backward=backward)
                         print(f"    {key}:", {k: round(v, 3) for k, v in row[key].items()}, flush=True)
                 for variant in variants:
-                    with state_variant(VARIANTS[variant]):
+                    with launch_variant(VARIANTS[variant]):
                         row.setdefault("variants_ms", {})[variant] = timed(
                             lambda a=args, n=name: op(n, "chunk")(**a), backward=backward, device=device
                         )
@@ -237,7 +251,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--families", default=",".join(FAMILIES))
     ap.add_argument("--smoke", action="store_true", help="CPU, TRITON_INTERPRET=1, fp32, tiny shapes")
-    ap.add_argument("--variants", default="", help=f"state-pass launch variants to time too: {','.join(VARIANTS)}")
+    ap.add_argument(
+        "--variants", default="", help=f"launch variants to time (--check-only: one to check): {','.join(VARIANTS)}"
+    )
     ap.add_argument("--no-pytest", action="store_true")
     ap.add_argument("--check-only", action="store_true", help="correctness only (several can run side by side)")
     ap.add_argument("--speed-only", action="store_true", help="timing only, after a --check-only run passed")
@@ -273,10 +289,14 @@ def main() -> int:
         return 0 if all(r["passed"] for r in rows) else 1
     if ns.check_only and ns.speed_only:
         ap.error("--check-only and --speed-only exclude each other")
-    result["correctness"] = []
+    if ns.check_only and len(variants) > 1:
+        ap.error("--check-only takes at most one variant (the launches the checks run under)")
+    checked = variants[0] if ns.check_only and variants else None
+    result["correctness"], result["checked_variant"] = [], checked
     if not ns.speed_only:
-        print("correctness against the fp64 reference:", flush=True)
-        result["correctness"] = correctness(families, device, ns.smoke)
+        print(f"correctness against the fp64 reference{f' (variant {checked})' if checked else ''}:", flush=True)
+        with launch_variant(VARIANTS[checked] if checked else {}):
+            result["correctness"] = correctness(families, device, ns.smoke)
     if not ns.smoke and not ns.no_pytest and not ns.speed_only:
         test = subprocess.run(
             [sys.executable, "-m", "pytest", "-q", "tests/triton/test_value_decay.py"],

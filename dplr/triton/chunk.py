@@ -264,9 +264,12 @@ def _backward_configs(p: Problem, chunk_size: int) -> tuple[configs.ChunkBackwar
         raise TypeError("the Triton kernels take fp16, bf16 or fp32 inputs; fp64 runs on the PyTorch path")
     K, V, lowrank = p.q.shape[3], p.v.shape[3], p.transition.lowrank.value
     decay = p.transition.decay.value
-    bwd = configs.chunk_backward(K=K, V=V, C=chunk_size, dtype=p.q.dtype, lowrank=lowrank, decay=decay)
+    value_decay = p.transition.value_decay
+    bwd = configs.chunk_backward(
+        K=K, V=V, C=chunk_size, dtype=p.q.dtype, lowrank=lowrank, decay=decay, value_decay=value_decay
+    )
     cfg = configs.chunk_forward(
-        K=K, V=V, C=bwd.C, dtype=p.q.dtype, device=p.q.device, lowrank=lowrank, value_decay=p.transition.value_decay
+        K=K, V=V, C=bwd.C, dtype=p.q.dtype, device=p.q.device, lowrank=lowrank, value_decay=value_decay
     )
     return bwd, cfg
 

@@ -36,7 +36,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .columns import column_ends, column_product_bwd
+from .columns import column_factors, column_product_bwd
 from .intra import LIMIT, _chunk_rows, _dot_t, _gather_G, _key_slices, _load_rows, _store_rows
 from .state import _state_offsets
 from .structure import DECAY_CHANNEL, DECAY_NONE, DECAY_SCALAR, LOWRANK_GENERAL, LOWRANK_NONE, LOWRANK_TIED
@@ -122,7 +122,7 @@ def chunk_grad_values_kernel(
             # P = exp(GV) ⊙ Pw + (N ∘ F) Z (see dplr.triton.state); dG gathers the gradient of the
             # cumulative decays GV, to_end that of the factors exp(GV_C - GV).
             GV = GV_CUM + hv * V
-            start_v, end_v, chunk_v = column_ends(GV, bos, n, vcols, HV * V, V, C)
+            start_v, end_v, chunk_v, whole, rise = column_factors(GV, bos, n, vcols, HV * V, V, C)
             q_start = _load_rows(Q_START + hv * K, bos, i, valid, HV * K, kk, K)
             dG = do_c * start_v * _mm(q_start, S, PREC)
             kd = _mm(k_end, dS, PREC)
@@ -131,13 +131,14 @@ def chunk_grad_values_kernel(
                 Z = beta_c[:, None] * v_c
                 Pw = _mm(m_c, -beta_c[:, None] * XS, PREC)
                 P = start_v * Pw + _load_rows(U_COL + hv * V, bos, i, valid, HV * V, vcols, V)
-                dP, dA, dG_p = column_product_bwd(A_qk, P, do_c, GV, bos, n, vcols, HV * V, V, C, MERGES, PREC, True)
+                dP, dA, dG_p = column_product_bwd(A_qk, P, do_c, whole, start_v, rise, GV, bos, n, vcols, HV * V, V,
+                                                  C, MERGES, PREC, True)  # fmt: skip
                 dP += end_v * kd
                 to_end = P * end_v * kd
                 _accumulate_rows(DK_END + hv * K, _dot_t(P * end_v, dS, PREC), bos, i, valid, HV * K, kk, K, first)
             else:
-                dv_c, dA, dG_p = column_product_bwd(A_qk, v_c, do_c, GV, bos, n, vcols, HV * V, V, C, MERGES, PREC,
-                                                    True)  # fmt: skip
+                dv_c, dA, dG_p = column_product_bwd(A_qk, v_c, do_c, whole, start_v, rise, GV, bos, n, vcols, HV * V,
+                                                    V, C, MERGES, PREC, True)  # fmt: skip
                 dv_c += end_v * kd
                 to_end = v_c * end_v * kd
                 _accumulate_rows(DK_END + hv * K, _dot_t(v_c * end_v, dS, PREC), bos, i, valid, HV * K, kk, K, first)
@@ -151,7 +152,8 @@ def chunk_grad_values_kernel(
                 Pw = _mm(m_c, XS, PREC)
                 N = _mm(m_c, A_ak, PREC)
                 P = start_v * Pw + _load_rows(U_COL + hv * V, bos, i, valid, HV * V, vcols, V)
-                dP, dA, dG_p = column_product_bwd(A_qb, P, do_c, GV, bos, n, vcols, HV * V, V, C, MERGES, PREC, True)
+                dP, dA, dG_p = column_product_bwd(A_qb, P, do_c, whole, start_v, rise, GV, bos, n, vcols, HV * V, V,
+                                                  C, MERGES, PREC, True)  # fmt: skip
                 dA_qb += dA
                 dG += dG_p
                 bd = _mm(b_end, dS, PREC)
@@ -167,16 +169,16 @@ def chunk_grad_values_kernel(
                     dbeta -= tl.sum(XS * dXS, axis=1)
                     _accumulate_rows(DX + hv * K, _dot_t(-beta_c[:, None] * dXS, S, PREC), bos, i, valid, HV * K, kk,
                                      K, first)  # fmt: skip
-                    dZ, dA, dG_p = column_product_bwd(m_c, Z, dP, GV, bos, n, vcols, HV * V, V, C, MERGES, PREC,
-                                                      True)  # fmt: skip
+                    dZ, dA, dG_p = column_product_bwd(m_c, Z, dP, whole, start_v, rise, GV, bos, n, vcols, HV * V, V,
+                                                      C, MERGES, PREC, True)  # fmt: skip
                     dM += dA
                     dv_c = beta_c[:, None] * dZ
                     dbeta += tl.sum(v_c * dZ, axis=1)
                 else:
                     dM += _dot_t(dPw, XS, PREC)
                     _accumulate_rows(DX + hv * K, _dot_t(dXS, S, PREC), bos, i, valid, HV * K, kk, K, first)
-                    dZ, dA, dG_p = column_product_bwd(N, v_c, dP, GV, bos, n, vcols, HV * V, V, C, MERGES, PREC,
-                                                      True)  # fmt: skip
+                    dZ, dA, dG_p = column_product_bwd(N, v_c, dP, whole, start_v, rise, GV, bos, n, vcols, HV * V, V,
+                                                      C, MERGES, PREC, True)  # fmt: skip
                     dN += dA
                     dv_c += dZ
                 dG += dG_p

@@ -50,12 +50,21 @@ def _sums(GV, row0, n, vcols, stride, V, C: tl.constexpr):
 
 
 @triton.jit
-def column_ends(GV, row0, n, vcols, stride, V, C: tl.constexpr):
-    """``(exp(GV_i), exp(GV_C - GV_i), exp(GV_C))`` of the columns ``vcols`` of a chunk of ``n``
-    tokens, fp32 ``[C, BV], [C, BV], [BV]``. Rows past the end read the last (no decay there)."""
+def column_factors(GV, row0, n, vcols, stride, V, C: tl.constexpr):
+    """The factors of the columns ``vcols`` of a chunk of ``n`` tokens, computed once per block of
+    columns and shared by every product that reads them: ``exp(GV_i)`` and ``exp(GV_C - GV_i)``
+    (fp32 ``[C, BV]``), ``exp(GV_C)`` (``[BV]``); whether the chunk is factorised whole (it decays
+    by at most ``CHUNK_LIMIT`` in every column: ``GV`` decreases down the chunk, so its least is
+    the chunk's decay) and, for that path, ``exp(-GV_j) <= exp(CHUNK_LIMIT)`` (its exponent clamped
+    only so that it stays finite where the path is not taken). Rows past the end read the last
+    (no decay there). Callers that only scale by the first three leave the rest unused."""
     G = _sums(GV, row0, n, vcols, stride, V, C)
     G_end = tl.load(GV + (row0 + n - 1) * stride + vcols, mask=vcols < V, other=0.0)
-    return tl.exp(G.to(tl.float32)), tl.exp((G_end[None, :] - G).to(tl.float32)), tl.exp(G_end.to(tl.float32))
+    whole = tl.min(G) >= -CHUNK_LIMIT
+    rise = tl.exp(tl.minimum(-G, CHUNK_LIMIT).to(tl.float32))
+    start = tl.exp(G.to(tl.float32))
+    to_end = tl.exp((G_end[None, :] - G).to(tl.float32))
+    return start, to_end, tl.exp(G_end.to(tl.float32)), whole, rise
 
 
 @triton.jit
@@ -88,29 +97,19 @@ def _diagonal(A):
 
 
 @triton.jit
-def _whole_chunk(GV, row0, n, vcols, stride, V, C: tl.constexpr):
-    """Whether the chunk's columns ``vcols`` decay by at most ``CHUNK_LIMIT`` (every column), and
-    if so the factors ``exp(GV_i)`` (``<= 1``) and ``exp(-GV_j)`` (``<= exp(CHUNK_LIMIT)``) that
-    factorise every pair at once: ``F_c[i, j] = exp(GV_ic) · exp(-GV_jc)``. Without a value decay
-    of more than ``CHUNK_LIMIT`` nothing overflows (the masked upper pairs are finite, at most
-    ``exp(CHUNK_LIMIT)`` times the operands, and are removed by the mask); otherwise the factors
-    are unused (their exponents are clamped only so that they stay finite)."""
-    G = _sums(GV, row0, n, vcols, stride, V, C)
-    fast = tl.min(G) >= -CHUNK_LIMIT  # G decreases down the chunk: its least is the chunk's decay
-    return fast, tl.exp(G.to(tl.float32)), tl.exp(tl.minimum(-G, CHUNK_LIMIT).to(tl.float32))
-
-
-@triton.jit
-def column_product(A, Z, GV, row0, n, vcols, stride, V, C: tl.constexpr, MERGES: tl.constexpr, PREC: tl.constexpr):
-    """``(A ∘ F) Z`` for a lower-triangular ``A [C, C]`` and ``Z [C, BV]``, fp32; ``MERGES = log2(C)``.
-    A chunk that decays by at most ``CHUNK_LIMIT`` takes one product; a faster one the merges."""
+def column_product(
+    A, Z, whole, start, rise, GV, row0, n, vcols, stride, V,
+    C: tl.constexpr, MERGES: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """``(A ∘ F) Z`` for a lower-triangular ``A [C, C]`` and ``Z [C, BV]``, fp32; ``MERGES = log2(C)``;
+    ``whole, start, rise`` from :func:`column_factors`. A chunk that decays by at most
+    ``CHUNK_LIMIT`` takes one product (``exp(GV_i) · [A (Z ⊙ exp(-GV_j))]``); a faster one the merges."""
     A = A.to(tl.float32)
     Z = Z.to(tl.float32)
     i = tl.arange(0, C)
     Y = _diagonal(A)[:, None] * Z
-    fast, x_f, y_f = _whole_chunk(GV, row0, n, vcols, stride, V, C)
-    if fast:
-        Y += x_f * tl.dot(tl.where(i[:, None] > i[None, :], A, 0.0), Z * y_f, input_precision=PREC)
+    if whole:
+        Y += start * tl.dot(tl.where(i[:, None] > i[None, :], A, 0.0), Z * rise, input_precision=PREC)
     else:
         for level in tl.range(MERGES):
             x_l, y_l, meet = _level(GV, row0, n, vcols, stride, V, C, MERGES, level)
@@ -120,7 +119,7 @@ def column_product(A, Z, GV, row0, n, vcols, stride, V, C: tl.constexpr, MERGES:
 
 @triton.jit
 def column_product_bwd(
-    A, Z, dY, GV, row0, n, vcols, stride, V,
+    A, Z, dY, whole, start, rise, GV, row0, n, vcols, stride, V,
     C: tl.constexpr, MERGES: tl.constexpr, PREC: tl.constexpr, GRADS: tl.constexpr,
 ):  # fmt: skip
     """``dZ = (A ∘ F)ᵀ dY``; with ``GRADS`` also ``dA [C, C]`` (every pair, the diagonal included)
@@ -136,16 +135,15 @@ def column_product_bwd(
     dG = tl.zeros_like(dY)
     if GRADS:
         dA = tl.where(i[:, None] == i[None, :], tl.sum(dY * Z, axis=1)[:, None], 0.0)
-    fast, x_f, y_f = _whole_chunk(GV, row0, n, vcols, stride, V, C)
-    if fast:
+    if whole:
         strict = i[:, None] > i[None, :]
         A_m = tl.where(strict, A, 0.0)
-        dZ_f = y_f * tl.dot(tl.trans(A_m), x_f * dY, input_precision=PREC)
+        dZ_f = rise * tl.dot(tl.trans(A_m), start * dY, input_precision=PREC)
         dZ += dZ_f
         if GRADS:
-            Z_f = Z * y_f
-            dA += tl.where(strict, tl.dot(x_f * dY, tl.trans(Z_f), input_precision=PREC), 0.0)
-            dG += dY * x_f * tl.dot(A_m, Z_f, input_precision=PREC) - Z * dZ_f
+            Z_f = Z * rise
+            dA += tl.where(strict, tl.dot(start * dY, tl.trans(Z_f), input_precision=PREC), 0.0)
+            dG += dY * start * tl.dot(A_m, Z_f, input_precision=PREC) - Z * dZ_f
     else:
         for level in tl.range(MERGES):
             x_l, y_l, meet = _level(GV, row0, n, vcols, stride, V, C, MERGES, level)
@@ -180,24 +178,27 @@ def chunk_columns_kernel(
     _, hv, bos, n, i, valid = _chunk_rows(chunk_bos, chunk_len, C)
     vcols = tl.program_id(2) * BV + tl.arange(0, BV)
     GV = GV_CUM + hv * V
+    start, _, _, whole, rise = column_factors(GV, bos, n, vcols, HV * V, V, C)
     v_c = _load_rows(v + hv * V, bos, i, valid, HV * V, vcols, V).to(tl.float32)
     U = v_c
     if LOWRANK != LOWRANK_NONE:
         m_c = _load_rows(M_SOLVE + hv * C, bos, i, valid, HV * C, i, C).to(tl.float32)
         if LOWRANK == LOWRANK_TIED:
             beta_c = tl.load(beta + (bos + i) * HV + hv, mask=valid, other=0.0).to(tl.float32)
-            U = column_product(m_c, beta_c[:, None] * v_c, GV, bos, n, vcols, HV * V, V, C, MERGES, PREC)
+            Z = beta_c[:, None] * v_c
+            U = column_product(m_c, Z, whole, start, rise, GV, bos, n, vcols, HV * V, V, C, MERGES, PREC)
         else:
             a_ak = _load_rows(A_AK + hv * C, bos, i, valid, HV * C, i, C).to(tl.float32)
             N = tl.dot(m_c, a_ak, input_precision=PREC)
-            U = column_product(N, v_c, GV, bos, n, vcols, HV * V, V, C, MERGES, PREC)
+            U = column_product(N, v_c, whole, start, rise, GV, bos, n, vcols, HV * V, V, C, MERGES, PREC)
         _store_rows(U_COL + hv * V, U, bos, i, valid, HV * V, vcols, V)
     if STORE_O:
         A_qk = _load_rows(A_QK + hv * C, bos, i, valid, HV * C, i, C)
-        out = column_product(A_qk, U if LOWRANK == LOWRANK_TIED else v_c, GV, bos, n, vcols, HV * V, V, C, MERGES, PREC)
+        Z = U if LOWRANK == LOWRANK_TIED else v_c
+        out = column_product(A_qk, Z, whole, start, rise, GV, bos, n, vcols, HV * V, V, C, MERGES, PREC)
         if LOWRANK == LOWRANK_GENERAL:
             A_qb = _load_rows(A_QB + hv * C, bos, i, valid, HV * C, i, C)
-            out += column_product(A_qb, U, GV, bos, n, vcols, HV * V, V, C, MERGES, PREC)
+            out += column_product(A_qb, U, whole, start, rise, GV, bos, n, vcols, HV * V, V, C, MERGES, PREC)
         _store_rows(O_COL + hv * V, out, bos, i, valid, HV * V, vcols, V)
 
 
@@ -215,5 +216,9 @@ def chunk_columns_bwd_kernel(
     vcols = tl.program_id(2) * BV + tl.arange(0, BV)
     A = _load_rows(A_READ + hv * C, bos, i, valid, HV * C, i, C)
     do_c = _load_rows(do + hv * V, bos, i, valid, HV * V, vcols, V).to(tl.float32) * scale
-    D, _, _ = column_product_bwd(A, do_c, do_c, GV_CUM + hv * V, bos, n, vcols, HV * V, V, C, MERGES, PREC, False)
+    GV = GV_CUM + hv * V
+    start, _, _, whole, rise = column_factors(GV, bos, n, vcols, HV * V, V, C)
+    D, _, _ = column_product_bwd(
+        A, do_c, do_c, whole, start, rise, GV, bos, n, vcols, HV * V, V, C, MERGES, PREC, False
+    )  # fmt: skip
     _store_rows(D_COL + hv * V, D, bos, i, valid, HV * V, vcols, V)

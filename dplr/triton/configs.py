@@ -59,16 +59,14 @@ def chunk_forward(
     lowrank: str = "tied",
     value_decay: bool = False,
 ) -> ChunkForward:
-    """With ``value_decay`` the state passes take value blocks of 16 and no pipelining. This was
-    chosen while they held the column-decayed products (sm_90, K = V = 128, KDA, forward: 313 KiB
-    of shared memory at 3 stages, over Hopper's 227; 2.4 KiB of stack per thread at BV = 32,
-    1.0 KiB at 16). Those products now run beforehand (:mod:`dplr.triton.columns`). The forward
-    pass is lighter since (560 B of stack at 16, 1.0 KiB at 32, 1.6 KiB at 64, one stage). Timed
-    on an H200 at (4, 8192, 16, 128), bf16 (gpu_value_decay_H200_f596bf2.json), blocks of 32 save
-    5-10% of the forward (KDA 9.64 -> 9.19 ms) and 64 about nothing; 16 stays, because only it
-    was checked against the reference on the card."""
+    """With ``value_decay`` the state passes take value blocks of 32 and no pipelining. Blocks of
+    16 were chosen while the passes held the column-decayed products (sm_90, K = V = 128, KDA,
+    forward: 313 KiB of shared memory at 3 stages, over Hopper's 227). Those products now run
+    beforehand (:mod:`dplr.triton.columns`), and on an H200 at (4, 8192, 16, 128), bf16
+    (gpu_value_decay_H200_9c552e8.json), blocks of 32 take 6-13% off the forward (KDA 6.94 ->
+    6.50 ms, DPLR 11.0 -> 9.6) and 2-4% off forward+backward; 64 gains less."""
     KP, VP = triton.next_power_of_2(K), triton.next_power_of_2(V)
-    BV_state = 16 if value_decay else max(16, min(64, VP, STATE_REGISTER_BUDGET // KP))
+    BV_state = 32 if value_decay else max(16, min(64, VP, STATE_REGISTER_BUDGET // KP))
     return ChunkForward(
         BK=max(16, min(64, KP)),
         BV_state=BV_state,
@@ -96,7 +94,14 @@ class ChunkBackward:
 
 
 def chunk_backward(
-    *, K: int, V: int, C: int, dtype: torch.dtype, lowrank: str = "tied", decay: str = "channel"
+    *,
+    K: int,
+    V: int,
+    C: int,
+    dtype: torch.dtype,
+    lowrank: str = "tied",
+    decay: str = "channel",
+    value_decay: bool = False,
 ) -> ChunkBackward:
     """Both per-chunk backward kernels hold several C x C matrices and C x K tiles at once (sm_90,
     K = V = 128, C = 64: 3-8 KiB of stack per thread). The keys kernel's dot operands take
@@ -106,7 +111,8 @@ def chunk_backward(
     a GPU yet) every build fits at those sizes (largest: KDA bf16 at C = 64, values kernel 176 KiB;
     the general form at C = 32, 72 KiB, but with 32 registers and 5-14 KiB of stack per thread).
     The interpreter has no such limit and keeps the caller's chunk size, so CI's fp32 tests still
-    cover the C = 64 kernels that bf16 runs."""
+    cover the C = 64 kernels that bf16 runs. ``value_decay`` (gv) takes the same launches; it is
+    an argument so that benchmarks/gpu_value_decay.py can time variants of the gv kernels alone."""
     KP, VP = triton.next_power_of_2(K), triton.next_power_of_2(V)
     return ChunkBackward(
         C=min(C, 32) if (lowrank == "general" or dtype == torch.float32) and not interpreting() else C,

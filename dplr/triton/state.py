@@ -27,7 +27,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .columns import column_ends
+from .columns import column_factors
 from .intra import _load_rows, _store_rows
 from .structure import DECAY_NONE, LOWRANK_GENERAL, LOWRANK_NONE, LOWRANK_TIED
 
@@ -99,8 +99,8 @@ def chunk_state_kernel(
         A_qk = _widen(_load_rows(A_QK + hv * C, row0, i, valid, HV * C, i, C), VALUE_DECAY)
         v_c = _load_rows(v + hv * V, row0, i, valid, HV * V, vcols, V)
         if VALUE_DECAY:
-            start_v, end_v, chunk_v = column_ends(GV_CUM + hv * V, row0, tl.minimum(length - c * C, C), vcols,
-                                                  HV * V, V, C)  # fmt: skip
+            start_v, end_v, chunk_v, _, _ = column_factors(GV_CUM + hv * V, row0, tl.minimum(length - c * C, C), vcols,
+                                                           HV * V, V, C)  # fmt: skip
         if LOWRANK != LOWRANK_NONE:
             x_c = _widen(_load_rows(X_START + hv * K, row0, i, valid, HV * K, kk, K), VALUE_DECAY)
             m_c = _load_rows(M_SOLVE + hv * C, row0, i, valid, HV * C, i, C)
@@ -209,8 +209,8 @@ def chunk_state_bwd_kernel(
         )
         q_start = _widen(_load_rows(Q_START + hv * K, row0, i, valid, HV * K, kk, K), VALUE_DECAY)
         if VALUE_DECAY:
-            start_v, end_v, chunk_v = column_ends(GV_CUM + hv * V, row0, tl.minimum(length - c * C, C), vcols,
-                                                  HV * V, V, C)  # fmt: skip
+            start_v, end_v, chunk_v, _, _ = column_factors(GV_CUM + hv * V, row0, tl.minimum(length - c * C, C), vcols,
+                                                           HV * V, V, C)  # fmt: skip
             carry = _mm(tl.trans(q_start), do_c.to(tl.float32) * start_v, PREC)
         else:
             carry = _mm(tl.trans(q_start), do_c, PREC)
