@@ -33,8 +33,8 @@ from .structure import constexprs
 # family, bf16 and fp32, varlen, all gradients, bit-identical across two passes), so
 # DPLR_BACKEND=auto trains on it.
 BACKWARD_CHECKED_ON_GPU = True
-# The value-side decay gv (VALUE_DECAY) passes under TRITON_INTERPRET and on an H200 (code
-# f596bf2, benchmarks/results/gpu_value_decay_H200_f596bf2.json): GLA, KDA and DPLR forward and
+# The value-side decay gv (VALUE_DECAY) passes under TRITON_INTERPRET and on an H200 (last at
+# code 166a628, benchmarks/results/gpu_value_decay_H200_166a628.json): GLA, KDA and DPLR forward and
 # every gradient in bf16 and fp32, packed sequences, gates of -60 per step; and
 # tests/triton/test_value_decay.py on the card. So DPLR_BACKEND=auto runs gv calls here.
 VALUE_DECAY_CHECKED_ON_GPU = True
