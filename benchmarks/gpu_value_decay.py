@@ -64,6 +64,7 @@ VARIANTS = {
     "bv16": dict(BV_state=16),
     "bv64": dict(BV_state=64),
     "values16": dict(BV_values=16),
+    "values8": dict(warps_values=8),
     "values16x8": dict(BV_values=16, warps_values=8),
 }
 
