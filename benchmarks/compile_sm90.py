@@ -91,8 +91,8 @@ def main() -> None:
     structures = [(2, 1), (2, 2), (2, 0)] if ns.value_decay else [(2, 1), (1, 1), (2, 2), (2, 0), (0, 1)]
     vd = ns.value_decay
     for decay, lowrank in structures:
-        prep = dict(H=16, HV=16, K=ns.K, V=ns.V, C=ns.C, L=L, LEVELS=levels,
-                    BK=cfg.BK, DECAY=decay, LOWRANK=lowrank, VALUE_DECAY=vd,
+        prep = dict(H=16, HV=16, K=ns.K, C=ns.C, L=L, LEVELS=levels,
+                    BK=cfg.BK, DECAY=decay, LOWRANK=lowrank,
                     PREC=cfg.precision, STORE_AKK=False, NS=1)  # fmt: skip
         k1 = compile_kernel(chunk_prepare_kernel, prep, ns.warps_prepare or cfg.warps_prepare, ns.dtype)
         merges = ns.C.bit_length() - 1

@@ -8,6 +8,10 @@ Backward = the same two again (recomputing the per-chunk quantities and storing 
 initial state), then :func:`~dplr.triton.state.chunk_state_bwd_kernel` (the state's gradient,
 last chunk first), :func:`~dplr.triton.chunk_bwd.chunk_grad_values_kernel` and
 :func:`~dplr.triton.chunk_bwd.chunk_grad_keys_kernel` (every chunk in parallel).
+
+A value-side decay ``gv`` adds launches of :mod:`dplr.triton.columns`: its per-chunk sums beside
+launch 1, the column-decayed products that do not read the state before the state pass, and
+their transposes before the state pass backwards.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from ..torch_chunk.layout import sequence_spans
 from ..transition import Decay, LowRank
 from . import configs
 from .chunk_bwd import chunk_grad_keys_kernel, chunk_grad_values_kernel
-from .columns import chunk_columns_bwd_kernel, chunk_columns_kernel
+from .columns import chunk_columns_bwd_kernel, chunk_columns_kernel, chunk_value_sums_kernel
 from .intra import chunk_prepare_kernel
 from .state import chunk_state_bwd_kernel, chunk_state_kernel
 from .structure import constexprs
@@ -122,7 +126,8 @@ def forward(problem: Problem, chunk_size: int, cfg: configs.ChunkForward | None 
 
 
 def prepare(problem: Problem, chunk_size: int, cfg: configs.ChunkForward, *, keep_akk: bool = False) -> Prepared:
-    """Launch 1: every chunk in parallel (stages 1-3); ``keep_akk`` also stores ``A_kk`` (backward)."""
+    """Launch 1: every chunk in parallel (stages 1-3); ``keep_akk`` also stores ``A_kk`` (backward).
+    With ``gv``, also its per-chunk sums (:func:`~dplr.triton.columns.chunk_value_sums_kernel`)."""
     p = problem
     B, T, H, K = p.q.shape
     HV, V = p.v.shape[2], p.v.shape[3]
@@ -154,13 +159,17 @@ def prepare(problem: Problem, chunk_size: int, cfg: configs.ChunkForward, *, kee
         dummy = q  # an unused pointer argument still needs a tensor
         chunk_prepare_kernel[(index.num_chunks, HV)](
             q, k, dummy if g is None else g, dummy if beta is None else beta,
-            dummy if a is None else a, dummy if b is None else b, dummy if gv is None else gv,
+            dummy if a is None else a, dummy if b is None else b,
             out.x_start, out.M, out.A_ak, out.A_kk, out.q_start, out.k_end, out.b_end, out.A_qk, out.A_qb,
-            out.decay_end, out.G, out.GV, scratch_solve, index.chunk_bos, index.chunk_len,
-            H=H, HV=HV, K=K, V=V, C=C, **_sub_blocks(C), BK=cfg.BK,
+            out.decay_end, out.G, scratch_solve, index.chunk_bos, index.chunk_len,
+            H=H, HV=HV, K=K, C=C, **_sub_blocks(C), BK=cfg.BK,
             PREC=cfg.precision, STORE_AKK=out.A_kk.numel() > 0, num_warps=cfg.warps_prepare, num_stages=1,
-            **_structure(p),
+            **constexprs(p.transition),
         )  # fmt: skip
+        if gv is not None:
+            chunk_value_sums_kernel[(index.num_chunks, HV, triton.cdiv(V, cfg.BV_columns))](
+                gv, out.GV, index.chunk_bos, index.chunk_len, HV=HV, V=V, C=C, BV=cfg.BV_columns, num_warps=4
+            )  # fmt: skip
     return out
 
 

@@ -2,7 +2,7 @@
 columns and the column-decayed product ``Y = (A ∘ F) Z``, forward and backward.
 
 ``GV`` is a chunk's inclusive sum of ``gv`` from the chunk's start, stored in fp64 by
-:func:`~dplr.triton.intra.chunk_prepare_kernel` (``[BT, HV, V]``). Every factor is an ``exp``
+:func:`chunk_value_sums_kernel` (``[BT, HV, V]``). Every factor is an ``exp``
 of a *difference* of these sums, rounded to fp32 only then: under strong gates ``|GV|`` reaches
 thousands inside a chunk, and fp32 sums would give ``exp(GV_i - GV_j)`` a relative error of
 ``|GV| · 6e-8`` where that factor is what the gate's gradient is made of. Every factor is
@@ -155,6 +155,20 @@ def column_product_bwd(
                 dA += tl.where(meet, tl.dot(x_l * dY, tl.trans(Z_l), input_precision=PREC), 0.0)
                 dG += dY * x_l * tl.dot(A_l, Z_l, input_precision=PREC) - Z * dZ_l
     return dZ, dA, dG
+
+
+@triton.jit
+def chunk_value_sums_kernel(
+    gv, GV_CUM, chunk_bos, chunk_len, HV: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr
+):
+    """``GV_CUM [BT, HV, V]`` fp64, each chunk's inclusive sums of ``gv [BT, HV, V]``, one program per
+    (chunk, value head, block of value columns): a pass over memory alone, every chunk in parallel.
+    (Inside the per-chunk kernel of the key side it cost an H200 about 1 ms of KDA's 6 ms forward
+    at (4, 8192, 16, 128): that kernel's programs run few at a time and one after another.)"""
+    _, hv, bos, _, i, valid = _chunk_rows(chunk_bos, chunk_len, C)
+    vcols = tl.program_id(2) * BV + tl.arange(0, BV)
+    gv_t = _load_rows(gv + hv * V, bos, i, valid, HV * V, vcols, V).to(tl.float64)
+    _store_rows(GV_CUM + hv * V, tl.cumsum(gv_t, axis=0), bos, i, valid, HV * V, vcols, V)
 
 
 @triton.jit

@@ -197,12 +197,12 @@ def _unit_lower_inverse(N, scratch, C: tl.constexpr, L: tl.constexpr, LEVELS: tl
 
 @triton.jit
 def chunk_prepare_kernel(
-    q, k, g, beta, a, b, gv,
-    X_START, M_SOLVE, A_AK, A_KK, Q_START, K_END, B_END, A_QK, A_QB, DECAY_END, G_CUM, GV_CUM, SCRATCH,
+    q, k, g, beta, a, b,
+    X_START, M_SOLVE, A_AK, A_KK, Q_START, K_END, B_END, A_QK, A_QB, DECAY_END, G_CUM, SCRATCH,
     chunk_bos, chunk_len,
-    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr,
     C: tl.constexpr, L: tl.constexpr, LEVELS: tl.constexpr, BK: tl.constexpr,
-    DECAY: tl.constexpr, LOWRANK: tl.constexpr, VALUE_DECAY: tl.constexpr, PREC: tl.constexpr,
+    DECAY: tl.constexpr, LOWRANK: tl.constexpr, PREC: tl.constexpr,
     STORE_AKK: tl.constexpr,
 ):  # fmt: skip
     """One (chunk, value head). Inputs token-major: ``q, k, a, b [BT, H, K]``,
@@ -212,8 +212,9 @@ def chunk_prepare_kernel(
     ``STORE_AKK``) and the solve ``M_SOLVE [BT, HV, C]``
     fp32 (row i of the chunk's matrix at token i), ``DECAY_END [NT, HV, K] = exp(G_C)`` and (channel decay)
     the cumulative decays ``G_CUM [BT, HV, K]`` fp32; ``SCRATCH [NT, HV, 2, C, C]`` fp32 serves the solve.
-    With ``VALUE_DECAY``: ``gv [BT, HV, V]`` in, its cumulative sums ``GV_CUM [BT, HV, V]`` fp64 out
-    (see :mod:`dplr.triton.columns`)."""
+    The value-side decay ``gv`` does not reach this kernel: it leaves the key side as it is
+    (docs/value-decay.md); its sums come from :func:`~dplr.triton.columns.chunk_value_sums_kernel`.
+    """
     cid, hv, bos, n, i, valid = _chunk_rows(chunk_bos, chunk_len, C)
     h = hv // (HV // H)
     incl = i[:, None] >= i[None, :]
@@ -224,11 +225,6 @@ def chunk_prepare_kernel(
     A_ab = tl.zeros((C, C), dtype=tl.float32)
     A_ak = tl.zeros((C, C), dtype=tl.float32)
     A_qb = tl.zeros((C, C), dtype=tl.float32)
-    if VALUE_DECAY:  # the value side's sums, fp64: the later kernels take differences of them
-        for v0 in range(0, V, BK):
-            vcols = v0 + tl.arange(0, BK)
-            gv_t = _load_rows(gv + hv * V, bos, i, valid, HV * V, vcols, V).to(tl.float64)
-            _store_rows(GV_CUM + hv * V, tl.cumsum(gv_t, axis=0), bos, i, valid, HV * V, vcols, V)
     if DECAY == DECAY_SCALAR:
         # fp64 sums (a C-vector: cheap), for the reason given in _channel_slice's exact path
         gs = tl.load(g + (bos + i) * HV + hv, mask=valid, other=0.0).to(tl.float64)
