@@ -38,7 +38,7 @@ from .structure import constexprs
 # DPLR_BACKEND=auto trains on it.
 BACKWARD_CHECKED_ON_GPU = True
 # The value-side decay gv (VALUE_DECAY) passes under TRITON_INTERPRET and on an H200 (last at
-# code 166a628, benchmarks/results/gpu_value_decay_H200_166a628.json): GLA, KDA and DPLR forward and
+# code 318b843, benchmarks/results/gpu_value_decay_H200_318b843.json): GLA, KDA and DPLR forward and
 # every gradient in bf16 and fp32, packed sequences, gates of -60 per step; and
 # tests/triton/test_value_decay.py on the card. So DPLR_BACKEND=auto runs gv calls here.
 VALUE_DECAY_CHECKED_ON_GPU = True
