@@ -38,7 +38,7 @@ from dplr.testing import float_tensors, make_inputs, op, reference, rel_err  # n
 
 SHAPES = [(4, 8192, 16, 128), (1, 32768, 32, 128), (1, 65536, 16, 128), (16, 2048, 16, 128)]
 TIMED = ["kda", "dplr_delta_rule", "gated_delta_rule", "delta_rule", "gla", "simple_gla"]
-TOL = {torch.bfloat16: 5e-3, torch.float32: 1e-4}
+TOL = {torch.bfloat16: 5e-3, torch.float16: 5e-3, torch.float32: 1e-4}
 
 
 def load_fla():
@@ -106,9 +106,9 @@ def fla_call(fn, name: str, args: dict):
 # 1. correctness
 
 
-def check_family(name: str, dtype: torch.dtype, *, cu_seqlens=None, grads: bool) -> dict:
+def check_family(name: str, dtype: torch.dtype, *, cu_seqlens=None, grads: bool, K: int = 128) -> dict:
     shape = dict(B=1, T=200, cu_seqlens=cu_seqlens) if cu_seqlens else dict(B=2, T=200)
-    args = make_inputs(name, H=2, HV=4, K=128, V=128, dtype=dtype, device="cuda", output_final_state=True, **shape)
+    args = make_inputs(name, H=2, HV=4, K=K, V=K, dtype=dtype, device="cuda", output_final_state=True, **shape)
     names = float_tensors(args) if grads else []
     for key in names:
         args[key].requires_grad_(True)
@@ -132,6 +132,7 @@ def check_family(name: str, dtype: torch.dtype, *, cu_seqlens=None, grads: bool)
         family=name,
         dtype=str(dtype).replace("torch.", ""),
         varlen=bool(cu_seqlens),
+        K=K,
         errors=errors,
         worst=worst,
         error=errors[worst],
@@ -140,18 +141,25 @@ def check_family(name: str, dtype: torch.dtype, *, cu_seqlens=None, grads: bool)
     )
 
 
-CASES = ((torch.bfloat16, None), (torch.bfloat16, [0, 37, 37, 200]), (torch.float32, None))
+# (dtype, cu_seqlens, K = V): bf16 packed and not, fp32, fp16, and the largest head size.
+CASES = (
+    (torch.bfloat16, None, 128),
+    (torch.bfloat16, [0, 37, 37, 200], 128),
+    (torch.float32, None, 128),
+    (torch.float16, None, 128),
+    (torch.bfloat16, None, 256),
+)
 
 
 def check_cases(name: str, grads: bool) -> list[dict]:
     """Every case of one family (a worker's job when the check runs in several processes)."""
     rows = []
-    for dtype, cu in CASES:
+    for dtype, cu, K in CASES:
         try:
-            rows.append(check_family(name, dtype, cu_seqlens=cu, grads=grads))
+            rows.append(check_family(name, dtype, cu_seqlens=cu, grads=grads, K=K))
         except Exception as err:  # recorded, not hidden: the run goes on to the others
             failure = f"{type(err).__name__}: {err}"
-            rows.append(dict(family=name, dtype=str(dtype), varlen=bool(cu), passed=False, error=math.inf,
+            rows.append(dict(family=name, dtype=str(dtype), varlen=bool(cu), K=K, passed=False, error=math.inf,
                              failure=failure))  # fmt: skip
             traceback.print_exc()
     return rows
@@ -188,7 +196,8 @@ def correctness(families: list[str], grads: bool, jobs: int, also: list[tuple] =
     rows = [row for rows in found[: len(families)] for row in rows]
     for row in rows:
         print(
-            f"  {row['family']:18s} {row['dtype']:9s} varlen={row['varlen']!s:5s} worst {row.get('worst', '-')}"
+            f"  {row['family']:18s} {row['dtype']:9s} K={row['K']:<3d} varlen={row['varlen']!s:5s}"
+            f" worst {row.get('worst', '-')}"
             f" = {row['error']:.2e} deterministic={row.get('deterministic')} {'pass' if row['passed'] else 'FAIL'}",
             flush=True,
         )
