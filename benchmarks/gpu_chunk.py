@@ -106,9 +106,9 @@ def fla_call(fn, name: str, args: dict):
 # 1. correctness
 
 
-def check_family(name: str, dtype: torch.dtype, *, cu_seqlens=None, grads: bool, K: int = 128) -> dict:
+def check_family(name: str, dtype: torch.dtype, *, cu_seqlens=None, grads: bool, K: int = 128, V: int = 128) -> dict:
     shape = dict(B=1, T=200, cu_seqlens=cu_seqlens) if cu_seqlens else dict(B=2, T=200)
-    args = make_inputs(name, H=2, HV=4, K=K, V=K, dtype=dtype, device="cuda", output_final_state=True, **shape)
+    args = make_inputs(name, H=2, HV=4, K=K, V=V, dtype=dtype, device="cuda", output_final_state=True, **shape)
     names = float_tensors(args) if grads else []
     for key in names:
         args[key].requires_grad_(True)
@@ -133,6 +133,7 @@ def check_family(name: str, dtype: torch.dtype, *, cu_seqlens=None, grads: bool,
         dtype=str(dtype).replace("torch.", ""),
         varlen=bool(cu_seqlens),
         K=K,
+        V=V,
         errors=errors,
         worst=worst,
         error=errors[worst],
@@ -141,25 +142,27 @@ def check_family(name: str, dtype: torch.dtype, *, cu_seqlens=None, grads: bool,
     )
 
 
-# (dtype, cu_seqlens, K = V): bf16 packed and not, fp32, fp16, and the largest head size.
+# (dtype, cu_seqlens, K, V): bf16 packed and not, fp32, fp16, the largest head size, and value
+# heads narrower than the state pass's blocks of 64 (its fp32-tile build).
 CASES = (
-    (torch.bfloat16, None, 128),
-    (torch.bfloat16, [0, 37, 37, 200], 128),
-    (torch.float32, None, 128),
-    (torch.float16, None, 128),
-    (torch.bfloat16, None, 256),
+    (torch.bfloat16, None, 128, 128),
+    (torch.bfloat16, [0, 37, 37, 200], 128, 128),
+    (torch.float32, None, 128, 128),
+    (torch.float16, None, 128, 128),
+    (torch.bfloat16, None, 256, 256),
+    (torch.bfloat16, None, 64, 32),
 )
 
 
 def check_cases(name: str, grads: bool) -> list[dict]:
     """Every case of one family (a worker's job when the check runs in several processes)."""
     rows = []
-    for dtype, cu, K in CASES:
+    for dtype, cu, K, V in CASES:
         try:
-            rows.append(check_family(name, dtype, cu_seqlens=cu, grads=grads, K=K))
+            rows.append(check_family(name, dtype, cu_seqlens=cu, grads=grads, K=K, V=V))
         except Exception as err:  # recorded, not hidden: the run goes on to the others
             failure = f"{type(err).__name__}: {err}"
-            rows.append(dict(family=name, dtype=str(dtype), varlen=bool(cu), K=K, passed=False, error=math.inf,
+            rows.append(dict(family=name, dtype=str(dtype), varlen=bool(cu), K=K, V=V, passed=False, error=math.inf,
                              failure=failure))  # fmt: skip
             traceback.print_exc()
     return rows
@@ -196,7 +199,7 @@ def correctness(families: list[str], grads: bool, jobs: int, also: list[tuple] =
     rows = [row for rows in found[: len(families)] for row in rows]
     for row in rows:
         print(
-            f"  {row['family']:18s} {row['dtype']:9s} K={row['K']:<3d} varlen={row['varlen']!s:5s}"
+            f"  {row['family']:18s} {row['dtype']:9s} K={row['K']:<3d} V={row['V']:<3d} varlen={row['varlen']!s:5s}"
             f" worst {row.get('worst', '-')}"
             f" = {row['error']:.2e} deterministic={row.get('deterministic')} {'pass' if row['passed'] else 'FAIL'}",
             flush=True,

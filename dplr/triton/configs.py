@@ -24,7 +24,8 @@ class ChunkForward:
     precision: str  # tl.dot input precision: "tf32x3" for fp32 inputs, "tf32" for 16-bit inputs
 
 
-# The state [K, BV] lives in registers for a whole sequence: K·BV fp32 values per program.
+# The state [K, BV] lives in registers for a whole sequence: K·BV fp32 values per program, at
+# most this many per 4 warps (64 a thread).
 STATE_REGISTER_BUDGET = 128 * 64
 
 
@@ -66,7 +67,12 @@ def chunk_forward(
     (gpu_value_decay_H200_9c552e8.json), blocks of 32 take 6-13% off the forward (KDA 6.94 ->
     6.50 ms, DPLR 11.0 -> 9.6) and 2-4% off forward+backward; 64 gains less."""
     KP, VP = triton.next_power_of_2(K), triton.next_power_of_2(V)
-    BV_state = 32 if value_decay else max(16, min(64, VP, STATE_REGISTER_BUDGET // KP))
+    # Blocks of 64 state columns where V allows: narrower blocks take fp32 tiles in the state
+    # passes (see dplr.triton.state._widen: the 16-bit products fault on sm_90 there). A larger K
+    # spreads the [K, 64] state over more warps, STATE_REGISTER_BUDGET values per 4 warps
+    # (H200, K = V = 256, bf16: blocks of 64 on 8 warps run clean for every family,
+    # benchmarks/results/gpu_state_pass_K256_H200.log).
+    BV_state = 32 if value_decay else max(16, min(64, VP))
     return ChunkForward(
         BK=max(16, min(64, KP)),
         BV_state=BV_state,
@@ -74,7 +80,7 @@ def chunk_forward(
         # H200, (4, 8192, 16, 128): 4 warps beat 8 by 1.3-2x unless the general form's five
         # C x C matrices need the registers of 8 (4.0 ms against 5.7 ms).
         warps_prepare=8 if lowrank == "general" and C >= 64 else 4,
-        warps_state=4,
+        warps_state=max(4, 4 * KP * BV_state // STATE_REGISTER_BUDGET),
         stages_state=1
         if interpreting() or value_decay
         else _state_stages(lowrank=lowrank, C=C, KP=KP, BV=BV_state, itemsize=dtype.itemsize),

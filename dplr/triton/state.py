@@ -39,14 +39,17 @@ def _mm(x, y, PREC: tl.constexpr):
 
 
 @triton.jit
-def _widen(x, VALUE_DECAY: tl.constexpr):
-    """A tile that meets the state in :func:`_mm`, widened to fp32 under a value decay (so its
-    products run on tf32). Triton 3.6's sm_90 code for the 16-bit products of the gv state
-    passes reads past the block's shared memory (compute-sanitizer on an H200, GLA and KDA in
-    bf16, K = V = 128: "Invalid __shared__ read of size 1024 bytes" in these products, at value
-    blocks of 16 and 32), while the same kernels with fp32 operands run clean. The tiles hold
-    16-bit values, which tf32 represents exactly, so only ``S`` is rounded later than before."""
-    if VALUE_DECAY:  # a constexpr branch: one return, of either type
+def _widen(x, VALUE_DECAY: tl.constexpr, BV: tl.constexpr):
+    """A tile that meets the state in :func:`_mm`, widened to fp32 (so its products run on tf32)
+    under a value decay or when the state's blocks are narrower than 64 columns. Triton 3.6's
+    sm_90 code for the 16-bit products of the state passes reads past the block's shared memory
+    on such blocks: compute-sanitizer on an H200 reports "Invalid __shared__ read of size 1024
+    bytes" (GLA and KDA with gv, K = V = 128, blocks of 16 and 32), and at K = V = 256 (blocks of
+    32) every low-rank family's state pass faulted with an illegal address, at blocks of 16 too,
+    while fp32 tiles or blocks of 64 ran clean (benchmarks/results/gpu_state_pass_K256_H200.log).
+    The tiles hold 16-bit values, which tf32 represents exactly, so only ``S`` is rounded later
+    than before."""
+    if VALUE_DECAY or BV < 64:  # a constexpr branch: one return, of either type
         x = x.to(tl.float32)
     return x
 
@@ -94,15 +97,15 @@ def chunk_state_kernel(
         if STORE_STATES:  # the chunk's initial state, for the backward
             chunk_state = _state_offsets(chunk0 + c, hv, kk, vcols, HV, K, V)
             tl.store(STATES + chunk_state, S, mask=state_mask)
-        q_start = _widen(_load_rows(Q_START + hv * K, row0, i, valid, HV * K, kk, K), VALUE_DECAY)
-        k_end = _widen(_load_rows(K_END + hv * K, row0, i, valid, HV * K, kk, K), VALUE_DECAY)
-        A_qk = _widen(_load_rows(A_QK + hv * C, row0, i, valid, HV * C, i, C), VALUE_DECAY)
+        q_start = _widen(_load_rows(Q_START + hv * K, row0, i, valid, HV * K, kk, K), VALUE_DECAY, BV)
+        k_end = _widen(_load_rows(K_END + hv * K, row0, i, valid, HV * K, kk, K), VALUE_DECAY, BV)
+        A_qk = _widen(_load_rows(A_QK + hv * C, row0, i, valid, HV * C, i, C), VALUE_DECAY, BV)
         v_c = _load_rows(v + hv * V, row0, i, valid, HV * V, vcols, V)
         if VALUE_DECAY:
             start_v, end_v, chunk_v, _, _ = column_factors(GV_CUM + hv * V, row0, tl.minimum(length - c * C, C), vcols,
                                                            HV * V, V, C)  # fmt: skip
         if LOWRANK != LOWRANK_NONE:
-            x_c = _widen(_load_rows(X_START + hv * K, row0, i, valid, HV * K, kk, K), VALUE_DECAY)
+            x_c = _widen(_load_rows(X_START + hv * K, row0, i, valid, HV * K, kk, K), VALUE_DECAY, BV)
             m_c = _load_rows(M_SOLVE + hv * C, row0, i, valid, HV * C, i, C)
             if LOWRANK == LOWRANK_TIED:
                 beta_c = tl.load(beta + (row0 + i) * HV + hv, mask=valid, other=0.0).to(tl.float32)
@@ -126,7 +129,7 @@ def chunk_state_kernel(
                 if LOWRANK == LOWRANK_TIED:
                     out += _mm(A_qk, Pw, PREC)
                 if LOWRANK == LOWRANK_GENERAL:
-                    A_qb = _widen(_load_rows(A_QB + hv * C, row0, i, valid, HV * C, i, C), VALUE_DECAY)
+                    A_qb = _widen(_load_rows(A_QB + hv * C, row0, i, valid, HV * C, i, C), VALUE_DECAY, BV)
                     out += _mm(A_qb, Pw, PREC)
                 out = start_v * out + _load_rows(O_COL + hv * V, row0, i, valid, HV * V, vcols, V)
             else:
@@ -153,7 +156,7 @@ def chunk_state_kernel(
         else:
             S += _mm(tl.trans(k_end), v_c, PREC)
         if LOWRANK == LOWRANK_GENERAL:
-            b_end = _widen(_load_rows(B_END + hv * K, row0, i, valid, HV * K, kk, K), VALUE_DECAY)
+            b_end = _widen(_load_rows(B_END + hv * K, row0, i, valid, HV * K, kk, K), VALUE_DECAY, BV)
             S += _mm(tl.trans(b_end), P, PREC)
 
     if STORE_HT:
@@ -207,7 +210,7 @@ def chunk_state_bwd_kernel(
         do_c = (_load_rows(do + hv * V, row0, i, valid, HV * V, vcols, V).to(tl.float32) * scale).to(
             do.dtype.element_ty
         )
-        q_start = _widen(_load_rows(Q_START + hv * K, row0, i, valid, HV * K, kk, K), VALUE_DECAY)
+        q_start = _widen(_load_rows(Q_START + hv * K, row0, i, valid, HV * K, kk, K), VALUE_DECAY, BV)
         if VALUE_DECAY:
             start_v, end_v, chunk_v, _, _ = column_factors(GV_CUM + hv * V, row0, tl.minimum(length - c * C, C), vcols,
                                                            HV * V, V, C)  # fmt: skip
@@ -215,10 +218,10 @@ def chunk_state_bwd_kernel(
         else:
             carry = _mm(tl.trans(q_start), do_c, PREC)
         if LOWRANK != LOWRANK_NONE:
-            x_c = _widen(_load_rows(X_START + hv * K, row0, i, valid, HV * K, kk, K), VALUE_DECAY)
+            x_c = _widen(_load_rows(X_START + hv * K, row0, i, valid, HV * K, kk, K), VALUE_DECAY, BV)
             m_c = _load_rows(M_SOLVE + hv * C, row0, i, valid, HV * C, i, C)
             WRITE = K_END if LOWRANK == LOWRANK_TIED else B_END
-            write = _widen(_load_rows(WRITE + hv * K, row0, i, valid, HV * K, kk, K), VALUE_DECAY)
+            write = _widen(_load_rows(WRITE + hv * K, row0, i, valid, HV * K, kk, K), VALUE_DECAY, BV)
             if VALUE_DECAY:  # (A ∘ F)ᵀ dO', made beforehand (dplr.triton.columns.chunk_columns_bwd_kernel)
                 dP = _load_rows(D_COL + hv * V, row0, i, valid, HV * V, vcols, V)
                 dP = start_v * (dP + end_v * _mm(write, dS, PREC))
