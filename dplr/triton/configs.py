@@ -71,7 +71,7 @@ def chunk_forward(
     # passes (see dplr.triton.state._widen: the 16-bit products fault on sm_90 there). A larger K
     # spreads the [K, 64] state over more warps, STATE_REGISTER_BUDGET values per 4 warps
     # (H200, K = V = 256, bf16: blocks of 64 on 8 warps run clean for every family,
-    # benchmarks/results/gpu_state_pass_K256_H200.log).
+    # benchmarks/results/gpu_state_pass_faults_H200.log).
     BV_state = 32 if value_decay else max(16, min(64, VP))
     return ChunkForward(
         BK=max(16, min(64, KP)),
