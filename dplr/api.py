@@ -198,14 +198,16 @@ def resolve_backend(triton_suits: Callable[[], bool]) -> str:
 
 
 def _triton_suits(problem: Problem, chunk_size: int) -> bool:
-    """CUDA tensors in 16/32-bit floats, and a Triton backward (for this structure) if a
-    gradient will be asked for."""
+    """CUDA tensors in 16/32-bit floats, kernels for this problem that have passed their check on
+    a GPU, and a Triton backward (for this structure) if a gradient will be asked for."""
     if not (problem.q.is_cuda and problem.q.dtype != torch.float64 and triton_available()):
         return False
     from . import triton as triton_path
 
     p = problem
     if p.transition.value_decay and not triton_path.value_decay_checked(chunk_size):
+        return False
+    if triton_path.unchecked_on_gpu(p, chunk_size):
         return False
     return not library.needs_grad(p) or triton_path.has_backward(chunk_size, value_decay=p.transition.value_decay)
 

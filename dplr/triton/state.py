@@ -46,9 +46,11 @@ def _widen(x, VALUE_DECAY: tl.constexpr, BV: tl.constexpr):
     on such blocks: compute-sanitizer on an H200 reports "Invalid __shared__ read of size 1024
     bytes" (GLA and KDA with gv, K = V = 128, blocks of 16 and 32), and at K = V = 256 (blocks of
     32) every low-rank family's state pass faulted with an illegal address, at blocks of 16 too,
-    while fp32 tiles or blocks of 64 ran clean; and the general form's forward at V = 32 faulted
-    until ``A_ak``, too, was widened (benchmarks/results/gpu_state_pass_faults_H200.log). Every
-    16-bit tile that enters a product of these passes is widened alike.
+    while fp32 tiles or blocks of 64 ran clean. At V = 32 (blocks of 32, these tiles widened) the
+    tied form ran clean, but the general form's forward still faulted in its one product left
+    16-bit, ``A_ak v`` (benchmarks/results/gpu_state_pass_faults_H200.log). So the general form
+    widens ``A_ak`` and, in the backward, ``A_qb`` too; that build has not yet run on a GPU, and
+    ``DPLR_BACKEND=auto`` keeps it off the GPU until it has (``chunk.unchecked_on_gpu``).
     The tiles hold 16-bit values, which tf32 represents exactly, so only ``S`` is rounded later
     than before."""
     if VALUE_DECAY or BV < 64:  # a constexpr branch: one return, of either type
@@ -229,7 +231,9 @@ def chunk_state_bwd_kernel(
                 dP = start_v * (dP + end_v * _mm(write, dS, PREC))
             else:
                 A_READ = A_QK if LOWRANK == LOWRANK_TIED else A_QB
-                A_read = _widen(_load_rows(A_READ + hv * C, row0, i, valid, HV * C, i, C), VALUE_DECAY, BV)
+                A_read = _load_rows(A_READ + hv * C, row0, i, valid, HV * C, i, C)
+                if LOWRANK == LOWRANK_GENERAL:  # see _widen: checked unwidened for the tied form only
+                    A_read = _widen(A_read, VALUE_DECAY, BV)
                 dP = _mm(tl.trans(A_read), do_c, PREC) + _mm(write, dS, PREC)
             if LOWRANK == LOWRANK_TIED:
                 beta_c = tl.load(beta + (row0 + i) * HV + hv, mask=valid, other=0.0).to(tl.float32)
