@@ -21,8 +21,12 @@ from .torch_chunk.state import state_pass
 from .transition import Transition, expand_heads
 
 # Elements of one stage tensor (a [chunks, HV, C, max(K, V, C)] block) per part of the chunk loop:
-# 2^19 fp32 elements are 2 MiB, so that a part's dozen or so live tensors sit in a CPU's last-level cache.
-PART_ELEMENTS = 1 << 19
+# 2^18 fp32 elements are 1 MiB, so that a part's live tensors (about 16 at the general structure's
+# peak) take some 16 MiB: the heap pages one part frees then stay below glibc's trim threshold in a
+# typical process, so the next part reuses them instead of the kernel taking them back and faulting
+# them in again. (At 2^19, benchmarks/cpu_chunk.py's shape took 4-12k page faults per forward on a
+# 2-core machine, about 10 ms of a 50 ms forward; at 2^18 none, for ~300 more small ops.)
+PART_ELEMENTS = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -80,15 +84,16 @@ def chunk_fwd(problem: Problem, *, chunk_size: int) -> tuple[torch.Tensor, torch
     K, V = p.q.shape[-1], p.v.shape[-1]
     per_chunk = HV * chunk_size * max(K, V, chunk_size)  # elements of a stage tensor per chunk
     part_chunks = max(1, PART_ELEMENTS // per_chunk) if p.q.device.type == "cpu" else max(1, layout.num_chunks)
-    state, outs = p.start_state(), []
+    state, out = p.start_state(), None
     for rows, part in layout.parts(part_chunks):
         o, state = _chunk_part(
             p.transition,
             layout=part,
-            q=expand_heads(layout.gather(p.q, dtype, rows), HV, dim=1),
-            k=expand_heads(layout.gather(p.k, dtype, rows), HV, dim=1),
-            a=expand_heads(layout.gather(p.a, dtype, rows), HV, dim=1),
-            b=expand_heads(layout.gather(p.b, dtype, rows), HV, dim=1),
+            # The intra stage reads q, k, a, b only element-wise: views, not copies, where they can be.
+            q=expand_heads(layout.gather(p.q, dtype, rows, copy=False), HV, dim=1),
+            k=expand_heads(layout.gather(p.k, dtype, rows, copy=False), HV, dim=1),
+            a=expand_heads(layout.gather(p.a, dtype, rows, copy=False), HV, dim=1),
+            b=expand_heads(layout.gather(p.b, dtype, rows, copy=False), HV, dim=1),
             v=layout.gather(p.v, dtype, rows),
             g=layout.gather(p.g, dtype, rows),
             beta=layout.gather(p.beta, dtype, rows),
@@ -96,9 +101,9 @@ def chunk_fwd(problem: Problem, *, chunk_size: int) -> tuple[torch.Tensor, torch
             initial_state=state,
             scale=p.scale,
         )
-        outs.append(o)
-    out = outs[0] if len(outs) == 1 else torch.cat(outs)
-    return layout.scatter(out, p.v.shape), state
+        out = layout.scatter_into(out, o, rows, shape=p.v.shape)  # each part straight to its tokens
+        del o  # not held through the next part
+    return out, state
 
 
 def _chunk_part(

@@ -66,17 +66,18 @@ def chunk_decays(g: torch.Tensor | None, *, sub: int) -> Decays:
         return Decays(G_end=G[:, :, -1], G=G, to_end=suffix_sums(g, 2))
     M, HV, C, K = g.shape
     blocks = g.reshape(M, HV, C // sub, sub, K)
-    # Both sums of every sub-block as one product with a 0/1 matrix (rows: the inclusive prefixes,
-    # then the exclusive suffixes): each output is its own sum of at most ``sub`` gates (a suffix is
-    # summed as such, as suffix_sums does), and a CPU runs one small product faster than a cumsum,
-    # two flips and a concatenation.
-    sums = _sum_matrix(sub, g.dtype, g.device) @ blocks  # [M, HV, nb, 2 sub, K]
-    local, rest = sums[..., :sub, :], sums[..., sub:, :]
+    # Both sums of every sub-block as products with 0/1 matrices (the inclusive prefixes, the
+    # exclusive suffixes): each output is its own sum of at most ``sub`` gates (a suffix is summed
+    # as such, as suffix_sums does), and a CPU runs a small product faster than a cumsum, two flips
+    # and a concatenation. Two products, not one with the matrices stacked: each sum comes out
+    # contiguous, and a CPU parallelises the ``exp`` the intra stage takes of it only then.
+    prefix, suffix = _sum_matrices(sub, g.dtype, g.device)
+    local, rest = prefix @ blocks, suffix @ blocks  # [M, HV, nb, sub, K]
     totals = local[..., -1, :]
     return Decays(G_end=totals.sum(2), local=local, rest=rest, totals=totals, gates=blocks)
 
 
-def _sum_matrix(n: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """``[2n, n]``: row ``i < n`` sums entries ``0..i``, row ``n + i`` sums entries ``i+1..n-1``."""
+def _sum_matrices(n: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[n, n]`` each: row ``i`` of the first sums entries ``0..i``, of the second ``i+1..n-1``."""
     ones = torch.ones(n, n, dtype=dtype, device=device)
-    return torch.cat([ones.tril(), ones.triu(1)])
+    return ones.tril(), ones.triu(1)

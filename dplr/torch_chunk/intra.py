@@ -70,22 +70,30 @@ def intra_chunk(
     b: torch.Tensor | None,
     decays: Decays,
 ) -> Intra:
-    """Chunked ``q, k, a, b [M, HV, C, K]`` and the chunk's cumulative decays → :class:`Intra`."""
+    """Chunked ``q, k, a, b [M, HV, C, K]`` and the chunk's cumulative decays → :class:`Intra`.
+
+    ``q, k, a, b`` may be strided views of the caller's tensors (:meth:`ChunkLayout.gather` with
+    ``copy=False``): they are read once, by the products that make the row and column sets, and
+    every field comes out contiguous for the batched products of the later stages."""
     # Every row and column set first; then the per-token factors go, and each factorised column set
-    # goes after its last product. What the stage holds at once is the forward's peak memory, and on
-    # a CPU fresh pages cost time (see engine.chunk_fwd).
+    # is made just before its products and goes after the last. What the stage holds at once is the
+    # forward's peak memory, and on a CPU fresh pages cost time (see engine.chunk_fwd).
+    if transition.decay is Decay.NONE:  # the inputs are the rows and columns themselves: made contiguous once
+        q, k, a, b = (None if x is None else x.contiguous() for x in (q, k, a, b))
     pairs = Pairwise(decays, transition.decay, q.dtype)
     lowrank = transition.lowrank
     q_rows, k_cols = pairs.rows(q), pairs.cols(k)
     k_rows = pairs.rows(k) if lowrank is LowRank.TIED else None
     a_rows, b_cols = (pairs.rows(a, prev=True), pairs.cols(b)) if lowrank is LowRank.GENERAL else (None, None)
     pairs.release_factors()
+    k_cols = pairs.factorised(k_cols)
     fields = dict(q_start=q_rows.start, k_end=k_cols.end, A_qk=pairs.product(q_rows, k_cols, strict=False))
     if lowrank is LowRank.TIED:
         fields.update(k_start=k_rows.start, A_kk=pairs.product(k_rows, k_cols, strict=True))
     elif lowrank is LowRank.GENERAL:
         fields.update(a_start=a_rows.start, b_end=b_cols.end, A_ak=pairs.product(a_rows, k_cols, strict=True))
         del k_cols
+        b_cols = pairs.factorised(b_cols)
         fields.update(A_ab=pairs.product(a_rows, b_cols, strict=True), A_qb=pairs.product(q_rows, b_cols, strict=False))
     return Intra(**fields)
 
@@ -104,7 +112,7 @@ class _Rows(NamedTuple):
 class _Cols(NamedTuple):
     y: torch.Tensor  # raw columns [.., C, K]
     end: torch.Tensor  # y ⊙ exp(G_C - G_j): as the chunk's final state sees them, <= |y|
-    hat: torch.Tensor | None = None  # y ⊙ exp(-G_j): the fast chunks' factorised columns
+    hat: torch.Tensor | None = None  # y ⊙ exp(-G_j): the fast chunks' factorised columns (Pairwise.factorised)
     slow: object = None
 
 
@@ -120,7 +128,7 @@ class Pairwise:
     ``exp(-G_j) = exp(G_C - G_j) · exp(-G_C) <= exp(CHUNK_LIMIT)``. All factors are normal fp32
     numbers (``>= exp(-CHUNK_LIMIT)``); the columns carry the large one, so KDA's ``q`` and ``k``
     rows share one scaled column set. The masked pairs ``j > i`` of the product reach
-    ``exp(CHUNK_LIMIT) Σ|x||y|`` at most, far from overflow, so a multiplied mask removes them.
+    ``exp(CHUNK_LIMIT) Σ|x||y|`` at most, far from overflow, and are set to zero.
     A pair ``j < i`` passes gradients to the gates before ``j`` through both factors, which cancel
     up to rounding (a residual of order eps times the pair's term, as inside a sub-block of the
     safe path); only the exp(0) pairs, whose true gate gradient is zero, are taken apart below.
@@ -136,7 +144,6 @@ class Pairwise:
             self.factors = _ChannelFactors(decays, dtype)
         elif decay is Decay.SCALAR:
             self.factors = _ScalarFactors(decays, dtype)
-        self._masks: dict[int, torch.Tensor] = {}
 
     def rows(self, x: torch.Tensor, *, prev: bool = False) -> _Rows:
         f = self.factors
@@ -148,9 +155,18 @@ class Pairwise:
         f = self.factors
         if f is None:
             return _Cols(y, y)
-        end = y * f.end_factor
-        hat = end * f.from_end if f.any_fast else None
-        return _Cols(y, end, hat, None if f.slow is None else f.slow.cols(f.take(y)))
+        # The factor first: the product takes its (contiguous) layout when y is a strided view.
+        end = f.end_factor * y
+        return _Cols(y, end, None, None if f.slow is None else f.slow.cols(f.take(y)))
+
+    def factorised(self, cols: _Cols) -> _Cols:
+        """``cols`` with the fast chunks' factorised columns ``y ⊙ exp(-G_j) = end ⊙ exp(-G_C)``, made
+        from ``end`` (one factor per chunk and channel, kept after the per-token ones are released)
+        just before the products that read them, so that only one such set is held at a time."""
+        f = self.factors
+        if f is None or not f.any_fast or cols.hat is not None:
+            return cols
+        return cols._replace(hat=cols.end * f.from_end)
 
     def release_factors(self) -> None:
         """Drops the per-token factors once every row and column set is made (products need them no more)."""
@@ -165,38 +181,33 @@ class Pairwise:
         """``y ⊙ exp(G_C - G_j)``."""
         return cols.end
 
-    def _mask(self, offset: int, like: torch.Tensor) -> torch.Tensor:
-        if offset not in self._masks:
-            C = like.shape[-1]
-            self._masks[offset] = torch.ones(C, C, dtype=like.dtype, device=like.device).tril(offset)
-        return self._masks[offset]
-
     def product(self, rows: _Rows, cols: _Cols, *, strict: bool) -> torch.Tensor:
         """``A_xy``, over ``j < i`` (strict) or ``j <= i``; ``prev`` rows are always strict."""
         x, y, f = rows.x, cols.y, self.factors
+        # Every product is fresh: masked in place, its pairs j > i set to zero (whatever their value).
         if f is None:
-            A = x @ y.transpose(-1, -2)
-            return A.mul_(self._mask(-1 if strict else 0, A))  # a fresh product: masked in place
+            return (rows.start @ cols.end.transpose(-1, -2)).tril_(-1 if strict else 0)
         # The pairs whose decay is exp(0) exactly (j = i; j = i - 1 for prev rows) are left out
         # of the factorised product and added without the gate: as a product of factors they
         # would pass O(1) gradients into the gate that cancel only up to rounding, swamping its
-        # true gradient under strong decay. (A is a fresh tensor, so its diagonals take them in place.)
+        # true gradient under strong decay; taken exactly, they are also the most accurate pairs
+        # (a product of factors rounds to 1 only within eps |G|). (A is a fresh tensor, so its
+        # diagonals take them in place.)
         offset = -2 if rows.prev else -1
-        # The exp(0) pairs' sums first, before A exists (their [C, K] product is a temporary).
+        # The exp(0) pairs' dot products first, before A exists.
         exact = None
         if rows.prev:
-            exact = (x[..., 1:, :] * y[..., :-1, :]).sum(-1)
+            exact = torch.linalg.vecdot(x[..., 1:, :], y[..., :-1, :])
         elif not strict:
-            exact = (x * y).sum(-1)
+            exact = torch.linalg.vecdot(x, y)
         A = None
         if f.any_fast:
-            A = rows.start @ cols.hat.transpose(-1, -2)
-            A.mul_(self._mask(offset, A))
+            A = (rows.start @ self.factorised(cols).hat.transpose(-1, -2)).tril_(offset)
         if f.slow is not None:
             slow = f.slow.product(rows.slow, cols.slow)
-            A = f.merge(A, slow.mul_(self._mask(offset, slow)))
+            A = f.merge(A, slow.tril_(offset))
         if exact is not None:
-            A.diagonal(-1 if rows.prev else 0, -2, -1).add_(exact)
+            A.diagonal(offset + 1, -2, -1).add_(exact)
         return A
 
 
@@ -247,12 +258,13 @@ class _ChannelFactors(_Split):
             self.slow = _Blocks(subset, dtype)
 
     def scale_start(self, x: torch.Tensor, prev: bool) -> torch.Tensor:
-        """``x ⊙ exp(G_i)`` (``exp(G_{i-1})`` for ``prev`` rows)."""
+        """``x ⊙ exp(G_i)`` (``exp(G_{i-1})`` for ``prev`` rows); contiguous even for a strided ``x``
+        (the factor comes first, so the product takes its layout)."""
         if not prev:
-            return x * self.start
+            return self.start * x
         # exp(G_{i-1}) is exp(G_i) shifted by one token (exactly 1 at the first): the rows are shifted
         # against it rather than a shifted copy of the factor made (one [C, K] tensor less to hold).
-        return torch.cat([x[..., :1, :], x[..., 1:, :] * self.start[..., :-1, :]], dim=-2)
+        return torch.cat([x[..., :1, :], self.start[..., :-1, :] * x[..., 1:, :]], dim=-2)
 
 
 class _ScalarFactors(_Split):
@@ -271,8 +283,8 @@ class _ScalarFactors(_Split):
         self._starts: dict[bool, torch.Tensor] = {}
 
     def scale_start(self, x: torch.Tensor, prev: bool) -> torch.Tensor:
-        """``x ⊙ exp(G_i)`` (``exp(G_{i-1})`` for ``prev`` rows)."""
-        return x * self.start_factor(prev)
+        """``x ⊙ exp(G_i)`` (``exp(G_{i-1})`` for ``prev`` rows), contiguous (the factor first)."""
+        return self.start_factor(prev) * x
 
     def start_factor(self, prev: bool) -> torch.Tensor:
         """``exp(G_i)`` (``exp(G_{i-1})``), shared by the rows of the same kind."""

@@ -81,12 +81,16 @@ class ChunkLayout:
                 start, first = end, step
         return parts
 
-    def gather(self, x: torch.Tensor | None, dtype: torch.dtype, rows: slice | None = None) -> torch.Tensor | None:
+    def gather(
+        self, x: torch.Tensor | None, dtype: torch.dtype, rows: slice | None = None, *, copy: bool = True
+    ) -> torch.Tensor | None:
         """``[B, T, heads, *rest]`` → ``[M, heads, C, *rest]`` in ``dtype``, zeros in padding; with
         ``rows`` (a slice of whole steps, see :meth:`parts`) those chunks only.
 
         A stride-0 (time-invariant) input stays a stride-0 view on the dense path, in either
-        dtype; the indexed path copies it (its padding slots need zeros)."""
+        dtype; the indexed path copies it (its padding slots need zeros). With ``copy=False`` the
+        dense path hands out the chunks as a strided view of ``x`` (cast if need be), for an input
+        that a stage reads only element-wise: its products make the contiguous tensors anyway."""
         if x is None:
             return None
         # The chunks are made contiguous once here: every later product would otherwise copy
@@ -97,6 +101,8 @@ class ChunkLayout:
             if rows is not None:  # whole steps: B chunks each
                 chunks = chunks[rows.start // B : rows.stop // B]
             chunks = _cast(chunks, dtype)
+            if not copy:
+                return chunks.flatten(0, 1)  # [steps, B] → chunks: a view for B = 1, else a copy
             chunks = chunks.reshape(-1, *chunks.shape[2:])
             return chunks if 0 in chunks.stride() else chunks.contiguous()
         flat = x.reshape(self.num_tokens, *x.shape[2:])
@@ -108,14 +114,29 @@ class ChunkLayout:
 
     def scatter(self, y: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         """``[M, heads, C, D]`` → ``[B, T, heads, D]``; padding slots are dropped."""
+        return self.scatter_into(None, y, shape=shape)
+
+    def scatter_into(
+        self, out: torch.Tensor | None, y: torch.Tensor, rows: slice | None = None, *, shape: torch.Size
+    ) -> torch.Tensor:
+        """Writes ``y [chunks, heads, C, D]``, the chunks ``rows`` (whole steps, see :meth:`parts`;
+        all by default), into their tokens of ``out [B, T, heads, D]`` (``shape``), in place, and
+        returns ``out``; ``out=None`` makes it, uninitialised: every token is a slot of one chunk,
+        so the parts written one after another fill it, with no concatenation of the parts. (Made
+        when the first part is done, it adds nothing to that part's peak memory.)"""
+        out = y.new_empty(shape) if out is None else out
+        rows = slice(0, self.num_chunks) if rows is None else rows
         if self.dense is not None:
             B, n = self.dense
-            return y.reshape(n, B, *y.shape[1:]).transpose(0, 1).movedim(3, 2).reshape(shape)
-        rows = y.movedim(2, 1).reshape(-1, *y.shape[1:2], *y.shape[3:])
-        index = self.token_index.reshape(-1)
+            heads, C, D = y.shape[1:]
+            target = out.view(B, n, C, heads, D)[:, rows.start // B : rows.stop // B]
+            target.copy_(y.view(-1, B, heads, C, D).permute(1, 0, 3, 2, 4))
+            return out
+        flat_rows = y.movedim(2, 1).reshape(-1, *y.shape[1:2], *y.shape[3:])
+        index = self.token_index[rows].reshape(-1)
         keep = index < self.num_tokens
-        out = rows.new_zeros(self.num_tokens, *rows.shape[1:])
-        return out.index_copy(0, index[keep], rows[keep]).reshape(shape)
+        out.view(self.num_tokens, *flat_rows.shape[1:]).index_copy_(0, index[keep], flat_rows[keep])
+        return out
 
 
 def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 
 from ..transition import LowRank, Transition
 from .intra import ColumnDecay, Intra
-from .state import States
+from .state import States, accumulate
 
 
 def chunk_output(
@@ -33,8 +33,7 @@ def chunk_output(
         return out * scale  # the query scale, applied once here rather than to q
     # The sums and the query scale ride on the products: out = scale · (out + A Z) in one call.
     Z = states.pseudo if transition.lowrank is LowRank.TIED else v
-    flat = out.flatten(0, 1)
-    flat = torch.baddbmm(flat, intra.A_qk.flatten(0, 1), Z.flatten(0, 1), beta=scale, alpha=scale)
+    out = accumulate(out, intra.A_qk, Z, beta=scale, alpha=scale)
     if transition.lowrank is LowRank.GENERAL:
-        flat = torch.baddbmm(flat, intra.A_qb.flatten(0, 1), states.pseudo.flatten(0, 1), alpha=scale)
-    return flat.view_as(out)
+        out = accumulate(out, intra.A_qb, states.pseudo, alpha=scale)
+    return out

@@ -48,48 +48,66 @@ def pseudo_values(
     ``None`` when there is no rank-one part."""
     if transition.lowrank is LowRank.NONE:
         return None
-    C, sign = intra.A_qk.shape[-1], 1.0
     if transition.lowrank is LowRank.TIED:
-        system = intra.A_kk * beta[..., :, None]
-        right = v if columns is None else torch.eye(C, dtype=v.dtype, device=v.device).expand_as(system)
-        # W solves for -beta k_start: the sign goes into the right-hand side, not a pass over W.
-        rhs = (intra.k_start * -beta[..., None], right * beta[..., None])
+        C = intra.A_qk.shape[-1]
+        right = v if columns is None else torch.eye(C, dtype=v.dtype, device=v.device).expand_as(intra.A_kk)
+        # (I + diag(beta) A_kk) [W, U] = diag(beta) [-k_start, right]: beta and W's sign ride on the
+        # solve's block operators (no scaled copies of A_kk or of the right-hand sides).
+        W, U = unit_lower_solve(intra.A_kk, ((intra.k_start, -1.0), (right, 1.0)), sign=1.0, beta=beta)
     else:
-        system, sign = intra.A_ab, -1.0  # I - A_ab: the sign rides on the solve, not a pass over A_ab
-        rhs = (intra.a_start, intra.A_ak @ v if columns is None else intra.A_ak)
-    W, U = unit_lower_solve(system, rhs, sign=sign)
+        # (I - A_ab) [W, U] = [a_start, A_ak v]: the sign rides on the solve, not a pass over A_ab.
+        rhs = intra.A_ak @ v if columns is None else intra.A_ak
+        W, U = unit_lower_solve(intra.A_ab, ((intra.a_start, 1.0), (rhs, 1.0)), sign=-1.0)
     return Pseudo(W=W, U=U if columns is None else columns.product(U, v))
 
 
-def unit_lower_solve(N: torch.Tensor, rhs: tuple[torch.Tensor, ...], *, sign: float = 1.0) -> tuple[torch.Tensor, ...]:
-    """``(I + sign · N)⁻¹ R`` for strictly lower-triangular ``N [.., C, C]``, each ``R [.., C, r]`` of
-    ``rhs``, ``sign = ±1``.
+def unit_lower_solve(
+    N: torch.Tensor,
+    rhs: tuple[tuple[torch.Tensor, float], ...],
+    *,
+    sign: float = 1.0,
+    beta: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """``X = f (I + sign · diag(beta) N)⁻¹ diag(beta) R`` for strictly lower-triangular ``N [.., C, C]``,
+    each ``(R [.., C, r], f)`` of ``rhs``, ``sign = ±1``, ``f = ±1``, ``beta [.., C]`` (ones if ``None``).
 
     Forward substitution by blocks of ``BLOCK`` tokens: the diagonal blocks are inverted by the
     triangular solver (exact substitution, no growth from a series), everything else is batched
     products. A CPU's LAPACK solves many small ``C x C`` systems one at a time, each at a few
-    GFLOP/s; this way most of the work runs as matrix products. The right-hand sides share the
-    blocks' inverses but are solved apart: no ``[C, K + V]`` concatenation in and out (on a CPU
-    every fresh page costs a fault, and each solution comes out contiguous for the state pass)."""
+    GFLOP/s; this way most of the work runs as matrix products. Block row ``p`` reads
+
+        X_p = (f D_p diag(beta_p)) (R_p - sign · f · Σ_{q<p} N_pq X_q),  D_p = (I + sign diag(beta_p) N_pp)⁻¹
+
+    so ``beta`` and ``f`` scale only the small ``[b, b]`` block operators, never ``N`` or ``R``.
+    The right-hand sides share the blocks' inverses but are solved apart: no ``[C, K + V]``
+    concatenation in and out (on a CPU every fresh page costs a fault, and each solution comes
+    out contiguous for the state pass). The solution grows by one block row at a time: ``n - 1``
+    products against the rows solved so far instead of ``n (n - 1) / 2`` block by block (the
+    loop is bound by per-op overhead), for copies of ``n (n + 1) / 2 - 1`` blocks."""
     C = N.shape[-1]
     b = BLOCK if C % BLOCK == 0 else C
     n = C // b
+    lead = N.shape[:-2]
     N = N.reshape(-1, C, C)
     diagonal = N.view(-1, n, b, n, b).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)  # [.., n, b, b]
+    scales = None if beta is None else beta.reshape(-1, n, b)
+    if scales is not None:
+        diagonal = diagonal * scales[..., :, None]  # diag(beta_p) N_pp: the diagonal blocks alone (1/n of N)
     if sign < 0:
-        diagonal = -diagonal  # the diagonal blocks alone (1/n of N)
+        diagonal = -diagonal
     eye = torch.eye(b, dtype=N.dtype, device=N.device).expand_as(diagonal)
     # unitriangular: the solver reads the strictly lower part only (the identity is implied).
     inverse = torch.linalg.solve_triangular(diagonal, eye, upper=False, unitriangular=True)
+    if scales is not None:
+        inverse = inverse * scales[..., None, :]  # D_p diag(beta_p)
+    left = {p: N[:, p * b : (p + 1) * b, : p * b] for p in range(1, n)}  # N_p,<p  [.., b, p b]
     out = []
-    for R in rhs:
-        lead, flat = R.shape[:-2], R.reshape(-1, C, R.shape[-1])
-        solved = []  # the solution's blocks (one concatenation at the end, not one per block)
-        for p in range(n):
-            rows = slice(p * b, (p + 1) * b)
-            block = flat[:, rows]
-            for q, x in enumerate(solved):
-                block = torch.baddbmm(block, N[:, rows, q * b : (q + 1) * b], x, alpha=-sign)
-            solved.append(inverse[:, p] @ block)
-        out.append(torch.cat(solved, dim=1).view(*lead, C, R.shape[-1]))
+    for R, f in rhs:
+        operators = (inverse if f > 0 else -inverse).unbind(1)
+        blocks = R.reshape(-1, n, b, R.shape[-1]).unbind(1)
+        X = torch.bmm(operators[0], blocks[0])  # the solution so far, rows 0 .. (p + 1) b
+        for p in range(1, n):
+            block = torch.baddbmm(blocks[p], left[p], X, alpha=-sign * f)
+            X = torch.cat([X, torch.bmm(operators[p], block)], dim=1)
+        out.append(X.view(*lead, C, R.shape[-1]))
     return tuple(out)

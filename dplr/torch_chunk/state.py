@@ -54,11 +54,7 @@ def state_pass(
     T = None
     if pseudo is not None:
         U_end = to_end(pseudo.U)
-        H = (
-            write_key @ U_end
-            if H is None
-            else torch.baddbmm(H.flatten(0, 1), write_key.flatten(0, 1), U_end.flatten(0, 1)).view_as(H)
-        )
+        H = write_key @ U_end if H is None else accumulate(H, write_key, U_end)
         T = write_key @ pseudo.W  # [M, HV, K, K]
         # + Diag(exp(G_C)) (the identity without decay); T is a fresh product, so in place.
         diagonal = T.diagonal(0, -2, -1)
@@ -99,6 +95,19 @@ def state_pass(
     elif pseudo is not None:
         P = pseudo.U + columns.from_start(pseudo.W @ initial)
     return States(initial=initial, pseudo=P, final=final)
+
+
+def accumulate(acc: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor, *, beta: float = 1.0, alpha: float = 1.0):
+    """``beta · acc + alpha · b1 @ b2`` over ``[.., m, n]`` batches, for ``acc`` a fresh product the
+    caller owns. Where no graph is recorded the sum is written over ``acc`` (a CPU saves a copy of
+    it, and fresh pages for the result); a graph cannot be recorded through ``out=``, so there it
+    is a new tensor."""
+    args = (acc.flatten(0, -3), b1.flatten(0, -3), b2.flatten(0, -3))
+    recording = torch.is_grad_enabled() and any(t.requires_grad for t in args)
+    if recording or not acc.is_contiguous():  # (only a contiguous acc is written by its flattened view)
+        return torch.baddbmm(*args, beta=beta, alpha=alpha).view_as(acc)
+    torch.baddbmm(*args, beta=beta, alpha=alpha, out=args[0])
+    return acc
 
 
 def _state_decay(G_end: torch.Tensor | None, decay: Decay, dtype: torch.dtype) -> torch.Tensor | None:
