@@ -118,6 +118,22 @@ def column_product(
 
 
 @triton.jit
+def _pairs_bwd(A, Z, dY, pairs, x_f, y_f, dZ, dA, dG, PREC: tl.constexpr, GRADS: tl.constexpr):
+    """Adds to ``(dZ, dA, dG)`` (see :func:`column_product_bwd`) the backward of
+    ``x_f ⊙ [(A ⊙ pairs) (Z ⊙ y_f)]``, the share of ``(A ∘ F) Z`` of the pairs ``pairs`` whose
+    factor is ``x_f[i] · y_f[j]`` (``dA``, ``dG`` only with ``GRADS``; ``dG`` gets ``+dY ⊙ Y`` on
+    the rows, ``-Z ⊙ dZ`` on the columns)."""
+    A_p = tl.where(pairs, A, 0.0)
+    dZ_p = y_f * tl.dot(tl.trans(A_p), x_f * dY, input_precision=PREC)
+    dZ += dZ_p
+    if GRADS:
+        Z_f = Z * y_f
+        dA += tl.where(pairs, tl.dot(x_f * dY, tl.trans(Z_f), input_precision=PREC), 0.0)
+        dG += dY * x_f * tl.dot(A_p, Z_f, input_precision=PREC) - Z * dZ_p
+    return dZ, dA, dG
+
+
+@triton.jit
 def column_product_bwd(
     A, Z, dY, whole, start, rise, GV, row0, n, vcols, stride, V,
     C: tl.constexpr, MERGES: tl.constexpr, PREC: tl.constexpr, GRADS: tl.constexpr,
@@ -136,24 +152,11 @@ def column_product_bwd(
     if GRADS:
         dA = tl.where(i[:, None] == i[None, :], tl.sum(dY * Z, axis=1)[:, None], 0.0)
     if whole:
-        strict = i[:, None] > i[None, :]
-        A_m = tl.where(strict, A, 0.0)
-        dZ_f = rise * tl.dot(tl.trans(A_m), start * dY, input_precision=PREC)
-        dZ += dZ_f
-        if GRADS:
-            Z_f = Z * rise
-            dA += tl.where(strict, tl.dot(start * dY, tl.trans(Z_f), input_precision=PREC), 0.0)
-            dG += dY * start * tl.dot(A_m, Z_f, input_precision=PREC) - Z * dZ_f
+        dZ, dA, dG = _pairs_bwd(A, Z, dY, i[:, None] > i[None, :], start, rise, dZ, dA, dG, PREC, GRADS)
     else:
         for level in tl.range(MERGES):
             x_l, y_l, meet = _level(GV, row0, n, vcols, stride, V, C, MERGES, level)
-            A_l = tl.where(meet, A, 0.0)
-            dZ_l = y_l * tl.dot(tl.trans(A_l), x_l * dY, input_precision=PREC)
-            dZ += dZ_l
-            if GRADS:
-                Z_l = Z * y_l
-                dA += tl.where(meet, tl.dot(x_l * dY, tl.trans(Z_l), input_precision=PREC), 0.0)
-                dG += dY * x_l * tl.dot(A_l, Z_l, input_precision=PREC) - Z * dZ_l
+            dZ, dA, dG = _pairs_bwd(A, Z, dY, meet, x_l, y_l, dZ, dA, dG, PREC, GRADS)
     return dZ, dA, dG
 
 
