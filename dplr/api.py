@@ -207,8 +207,6 @@ def _triton_suits(problem: Problem, chunk_size: int) -> bool:
     p = problem
     if p.transition.value_decay and not triton_path.value_decay_checked(chunk_size):
         return False
-    if triton_path.unchecked_on_gpu(p, chunk_size):
-        return False
     return not library.needs_grad(p) or triton_path.has_backward(chunk_size, value_decay=p.transition.value_decay)
 
 

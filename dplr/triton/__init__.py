@@ -65,17 +65,6 @@ def value_decay_checked(chunk_size: int) -> bool:
     return getattr(module, "VALUE_DECAY_CHECKED_ON_GPU", False)
 
 
-def unchecked_on_gpu(problem: Problem, chunk_size: int) -> str | None:
-    """Why the kernels for this problem (its structure and shape class) have not passed a check
-    on a GPU yet, or ``None``: the module's ``unchecked_on_gpu(problem)`` where it has one."""
-    try:
-        module = _module(chunk_size)
-    except RuntimeError:
-        return None
-    rule = getattr(module, "unchecked_on_gpu", None)
-    return rule(problem) if rule else None
-
-
 def backward(problem: Problem, d_out: torch.Tensor, d_final: torch.Tensor, chunk_size: int) -> tuple:
     module = _module(chunk_size)
     if not hasattr(module, "backward"):

@@ -44,17 +44,6 @@ BACKWARD_CHECKED_ON_GPU = True
 VALUE_DECAY_CHECKED_ON_GPU = True
 
 
-def unchecked_on_gpu(problem: Problem) -> str | None:
-    """Why this problem's kernels have not passed a check on a GPU yet (``None`` when they have):
-    ``DPLR_BACKEND=auto`` then runs it on the PyTorch path; ``DPLR_BACKEND=triton`` runs it here.
-    The general form on value blocks narrower than 64 columns (``V < 64``) faulted in its bf16
-    state pass on an H200; the fix (fp32 tiles, see :func:`dplr.triton.state._widen`) passes under
-    TRITON_INTERPRET but has not run on a GPU."""
-    if problem.transition.lowrank is LowRank.GENERAL and not problem.transition.value_decay and problem.v.shape[3] < 64:
-        return "the general form with V < 64 (state-pass blocks of fp32 tiles) is not yet checked on a GPU"
-    return None
-
-
 class ChunkIndex:
     """Where chunks and sequences lie in the flat token axis (built on the host from the
     problem's lengths, which the front-end already holds: no device sync). Cached per layout,

@@ -48,9 +48,9 @@ def _widen(x, VALUE_DECAY: tl.constexpr, BV: tl.constexpr):
     32) every low-rank family's state pass faulted with an illegal address, at blocks of 16 too,
     while fp32 tiles or blocks of 64 ran clean. At V = 32 (blocks of 32, these tiles widened) the
     tied form ran clean, but the general form's forward still faulted in its one product left
-    16-bit, ``A_ak v`` (benchmarks/results/gpu_state_pass_faults_H200.log). So the general form
-    widens ``A_ak`` and, in the backward, ``A_qb`` too; that build has not yet run on a GPU, and
-    ``DPLR_BACKEND=auto`` keeps it off the GPU until it has (``chunk.unchecked_on_gpu``).
+    16-bit, ``A_ak v``; with it widened, the output came out infinite from the next one,
+    ``A_qb P``. With both widened (and ``A_qb`` in the backward) the general form passes at V = 32
+    in bf16 and fp16, every gradient (benchmarks/results/gpu_state_pass_faults_H200.log).
     The tiles hold 16-bit values, which tf32 represents exactly, so only ``S`` is rounded later
     than before."""
     if VALUE_DECAY or BV < 64:  # a constexpr branch: one return, of either type
@@ -142,7 +142,7 @@ def chunk_state_kernel(
                 else:
                     out += _mm(A_qk, v_c, PREC)
                 if LOWRANK == LOWRANK_GENERAL:
-                    A_qb = _load_rows(A_QB + hv * C, row0, i, valid, HV * C, i, C)
+                    A_qb = _widen(_load_rows(A_QB + hv * C, row0, i, valid, HV * C, i, C), VALUE_DECAY, BV)
                     out += _mm(A_qb, P, PREC)
             _store_rows(o + hv * V, out * scale, row0, i, valid, HV * V, vcols, V)
 

@@ -74,29 +74,3 @@ def test_backward_chunk_size_fits_shared_memory(monkeypatch):
     assert chosen(256, torch.float16, "general") == 32
     assert chosen(256, torch.float32, "general") == 32
     assert configs.chunk_backward(K=256, V=256, C=16, dtype=torch.bfloat16, lowrank="general").C == 16
-
-
-@pytest.mark.parametrize(
-    "name,V,gv,unchecked",
-    [
-        ("dplr_delta_rule", 32, False, True),
-        ("rwkv7", 16, False, True),
-        ("dplr_delta_rule", 64, False, False),
-        ("dplr_delta_rule", 32, True, False),
-        ("kda", 32, False, False),
-        ("gla", 32, False, False),
-    ],
-)
-def test_auto_backend_keeps_builds_unchecked_on_a_gpu_off_it(name, V, gv, unchecked):
-    """The general form on state blocks narrower than 64 columns is not yet checked on a GPU:
-    ``dplr.triton.unchecked_on_gpu`` names it (so ``DPLR_BACKEND=auto`` runs it on the PyTorch
-    path), and nothing else."""
-    from dplr import api
-    from dplr import triton as triton_path
-    from dplr.testing import _with_defaults
-
-    args = make_inputs(name, B=1, T=8, H=1, K=16, V=V, dtype=torch.float32, device="cpu", value_decay=gv)
-    problem = api.prepare(name, api.CHUNK, _with_defaults(name, args))
-    reason = triton_path.unchecked_on_gpu(problem, 64)
-    assert bool(reason) == unchecked, reason
-    assert triton_path.unchecked_on_gpu(problem, triton_path.RECURRENT_CHUNK) is None
