@@ -32,6 +32,8 @@ VARIANTS = {
     "prepBK32": dict(BK=32),
     "prep4wBK32": dict(warps_prepare=4, BK=32),
     "prep2w": dict(warps_prepare=2),
+    "prep8w": dict(warps_prepare=8),
+    "prepBK128": dict(BK=128),
     "stages2": dict(stages_state=2),
     "state8w": dict(warps_state=8),
 }

@@ -35,6 +35,15 @@ def test_strong_decay(name):
     check(name, 32, B=1, T=40, H=1, HV=1, K=16, V=16, gate="strong")
 
 
+@pytest.mark.parametrize("name", ["kda", "dplr_delta_rule"])
+def test_strong_decay_in_one_block_and_slice(name):
+    """-60 per step on a few channels of one sub-block: that block's first channel slice takes the
+    exact path; the other blocks, and the other slice of the same block, keep the products."""
+    args = make_inputs(name, dtype=torch.float32, device=DEVICE, B=1, T=70, H=1, HV=1, K=80, V=16)
+    args["gk" if name == "dplr_delta_rule" else "g"][:, 20:26, :, :8] = -60.0
+    run_and_compare(name, "chunk", dict(args, chunk_size=32), TOL[torch.float32])
+
+
 @pytest.mark.parametrize("chunk_size", [16, 32, 64])
 @pytest.mark.parametrize("name", ["kda", "rwkv7"])
 def test_chunk_sizes_and_sliced_channels(name, chunk_size):
