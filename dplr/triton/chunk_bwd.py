@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from .columns import column_factors, column_product_bwd
-from .intra import LIMIT, _chunk_rows, _dot_t, _gather_G, _key_slices, _load_rows, _store_rows
+from .intra import LIMIT, WHOLE, _chunk_rows, _dot_t, _gather_G, _key_slices, _load_rows, _store_rows
 from .state import _state_offsets
 from .structure import DECAY_CHANNEL, DECAY_NONE, DECAY_SCALAR, LOWRANK_GENERAL, LOWRANK_NONE, LOWRANK_TIED
 
@@ -296,11 +296,38 @@ def _channel_slice_bwd(
     q, k, a, b, G, Gp, G_ptr, row0, n, E_qk, E_kk, E_qb, E_ab, E_ak, stride, cols, ncols,
     C: tl.constexpr, L: tl.constexpr, LEVELS: tl.constexpr, LOWRANK: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    """The channel slice's share of the intra products backwards, through the same sub-block
-    factors as :func:`dplr.triton.intra._channel_slice`: ``(dq, dk, da, db, dG, dGp)``. The
-    ``E_*`` hold the gradients of the pairs that go through a decay factor (none at distance 0).
-    ``G, Gp`` are fp64; the reference points gathered from ``G_ptr`` are fp32, and their
-    rounding cancels between a pair's two factors."""
+    """The channel slice's share of the intra products backwards: ``(dq, dk, da, db, dG, dGp)``.
+    The ``E_*`` hold the gradients of the pairs that go through a decay factor (none at distance
+    0). ``G, Gp`` are fp64; the reference points gathered from ``G_ptr`` are fp32, and their
+    rounding cancels between a pair's two factors. A slice that decays by at most
+    ``CHUNK_LIMIT`` over the chunk (the usual case) takes one pair-backward per matrix against
+    the chunk's middle, as the forward does (:func:`dplr.triton.intra._whole_chunk`); others go
+    by sub-blocks (:func:`_sub_blocks_bwd`)."""
+    i = tl.arange(0, C)
+    if tl.min(G) >= -WHOLE:  # G decreases down the chunk: its least is the chunk's decay
+        mid = _gather_G(G_ptr, row0, tl.full((1,), C // 2 - 1, tl.int32), n, stride, cols, ncols)
+        dq, dk, da, db, dG, dGp = _pairs_bwd(
+            i[:, None] > i[None, :], E_qk, E_kk, E_qb, E_ab, E_ak, q, k, a, b,
+            tl.exp((G - mid).to(tl.float32)), tl.exp((Gp - mid).to(tl.float32)), tl.exp((mid - G).to(tl.float32)),
+            LOWRANK, PREC,
+        )  # fmt: skip
+    else:
+        dq, dk, da, db, dG, dGp = _sub_blocks_bwd(
+            q, k, a, b, G, Gp, G_ptr, row0, n, E_qk, E_kk, E_qb, E_ab, E_ak, stride, cols, ncols,
+            C, L, LEVELS, LOWRANK, PREC,
+        )  # fmt: skip
+    return dq, dk, da, db, dG, dGp
+
+
+@triton.jit
+def _sub_blocks_bwd(
+    q, k, a, b, G, Gp, G_ptr, row0, n, E_qk, E_kk, E_qb, E_ab, E_ak, stride, cols, ncols,
+    C: tl.constexpr, L: tl.constexpr, LEVELS: tl.constexpr, LOWRANK: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """:func:`_channel_slice_bwd` on a slice that decays by more than ``CHUNK_LIMIT``: sub-blocks
+    of ``L`` rows against their middles (the exact element-wise product where a block strays
+    past ``HALF_LIMIT``), merged pairwise level by level at ``c``, the decay at the end of the
+    upper half: ``exp(G_i - c) · exp(c - G_j)``, both ``<= 1``."""
     i = tl.arange(0, C)
     start = (i // L) * L
     mid = _gather_G(G_ptr, row0, start + L // 2 - 1, n, stride, cols, ncols)

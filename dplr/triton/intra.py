@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from ..torch_chunk.intra import CHUNK_LIMIT, HALF_LIMIT
-from .structure import DECAY_CHANNEL, DECAY_NONE, DECAY_SCALAR, LOWRANK_GENERAL, LOWRANK_NONE, LOWRANK_TIED
+from .structure import DECAY_CHANNEL, DECAY_SCALAR, LOWRANK_GENERAL, LOWRANK_NONE, LOWRANK_TIED
 
 LIMIT = tl.constexpr(HALF_LIMIT)
 WHOLE = tl.constexpr(CHUNK_LIMIT)  # a chunk decaying less in every channel is factorised whole
@@ -233,9 +233,8 @@ def _channel_intra(
                         A_ab = tl.where(col, A_ab + tl.sum(a_r * bt[None, :] * ex_p, axis=1)[:, None], A_ab)
                         A_ak = tl.where(col, A_ak + tl.sum(a_r * kt[None, :] * ex_p, axis=1)[:, None], A_ak)
                         A_qb = tl.where(col, A_qb + tl.sum(q_r * bt[None, :] * ex, axis=1)[:, None], A_qb)
-        _store_intra(
-            A_qk, A_kk, A_ab, A_ak, A_qb, beta, A_QK, A_QB, A_AK, A_KK, N_ptr, hv, bos, rows, valid, HV, C, LOWRANK, STORE_AKK
-        )  # fmt: skip
+        _store_intra(A_qk, A_kk, A_ab, A_ak, A_qb, beta, A_QK, A_QB, A_AK, A_KK, N_ptr, hv, bos, rows, valid,
+                     HV, C, LOWRANK, STORE_AKK)  # fmt: skip
 
 
 @triton.jit
