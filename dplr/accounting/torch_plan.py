@@ -23,9 +23,8 @@ How the PyTorch path differs from the ideal plan of :mod:`dplr.accounting.model`
 * exponentials: channel decay takes two per token and channel (``exp(G_i - s_p)``,
   ``exp(e_p - G_j)`` from sub-block sums) and a few per sub-block; start factors are shared by
   the rows of one kind (general ``a`` rows read the same factor shifted by one token).
-* ``state``: each chunk as an affine map ``S_next = T S + H`` (``T = Diag + Bᵀ W``, ``K x K``),
-  so the loop is one ``K x K`` by ``K x V`` product per chunk; ``T`` costs ``2 K² C`` more than
-  applying ``W`` and ``Bᵀ`` to the state directly (equal at ``K = C``).
+* ``state``: as in the ideal plan, ``k_endᵀ V`` for all chunks at once, then per chunk
+  ``P = U + W S`` and ``Bᵀ P`` (two small products per step of the loop).
 * the backward (autograd) recomputes nothing and takes no ``exp`` (it reuses ``exp``'s output).
 """
 
@@ -83,11 +82,10 @@ def torch_plan(transition: Transition, *, chunks: int, heads: int, C: int, K: in
     else:
         triangular = blocks * b * b * (b - 1)  # the diagonal blocks' inverses (uncounted)
         block_grad = blocks * 2 * b * b * b  # the backward's product for each block inverse
-    # k_endᵀ v (none, general); with a rank-one part the affine map T = Diag + Bᵀ W, H += Bᵀ U,
-    # one K x K by K x V product per chunk in the loop, and P = U + W S afterwards.
+    # k_endᵀ v (none, general); with a rank-one part P = U + W S and Bᵀ P in the loop.
     state = 0 if lowrank is LowRank.TIED else 2 * C * K * V
     if lowrank is not LowRank.NONE:
-        state += 2 * K * C * K + 2 * K * C * V + 2 * K * K * V + 2 * C * K * V
+        state += 2 * C * K * V + 2 * K * C * V
     output = 2 * C * K * V + 2 * C * C * V + (2 * C * C * V if general else 0)
 
     def stage(fwd: int, *, bwd_extra: int = 0, uncounted: int = 0, exps: int = 0) -> PlanStage:

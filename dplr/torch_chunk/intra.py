@@ -444,17 +444,17 @@ class ColumnDecay:
     def __init__(self, decays: Decays, dtype: torch.dtype):
         self.blocks = bl = _Blocks(decays, dtype)
         self.end = torch.exp(decays.G_end)  # exp(GV_C)  [M, HV, V]
-        self._from_start = bl._join(bl.E * torch.exp(bl.starts)[..., None, :])  # exp(GV_i)
-        self._to_end = bl._join(bl.down * torch.exp(bl.to_chunk_end)[..., None, :])  # exp(GV_C - GV_j)
+        self.start = bl._join(bl.E * torch.exp(bl.starts)[..., None, :])  # exp(GV_i)
+        self.to_chunk_end = bl._join(bl.down * torch.exp(bl.to_chunk_end)[..., None, :])  # exp(GV_C - GV_j)
         self._between = _between_blocks(bl.totals) if bl.nb > 1 else None
 
     def from_start(self, y: torch.Tensor) -> torch.Tensor:
         """``y ⊙ exp(GV_i)``: a row that reads the chunk's initial state."""
-        return y * self._from_start
+        return y * self.start
 
     def to_end(self, z: torch.Tensor) -> torch.Tensor:
         """``z ⊙ exp(GV_C - GV_j)``: a row as the chunk's final state sees it."""
-        return z * self._to_end
+        return z * self.to_chunk_end
 
     def product(self, A: torch.Tensor, Z: torch.Tensor) -> torch.Tensor:
         """``Y[i, c] = Σ_{j <= i} A[i, j] exp(GV_{i,c} - GV_{j,c}) Z[j, c]``."""
