@@ -32,6 +32,7 @@ from dplr.accounting import (
 )
 from dplr.accounting.cli import parse_shape
 from dplr.accounting.model import SUB, forward_stages, tensors
+from dplr.accounting.torch_plan import offsets
 from dplr.cli import main
 from dplr.testing import _with_defaults, make_inputs
 from dplr.torch_chunk.cumsum import chunk_decays
@@ -188,15 +189,18 @@ def test_torch_plan_equals_flop_counter(transition, C):
 @pytest.mark.parametrize("transition", ALL_TRANSITIONS, ids=IDS)
 def test_ideal_differs_from_torch_plan_by_documented_terms(transition, C):
     """Where the algorithm is the same (output; the state pass; intra, whose whole-chunk
-    factorisation is one dense tile per matrix like the ideal's) the two views agree exactly;
-    the channel-decay cumsum is a product with a 0/1 matrix (``4 SUB C K`` per chunk)."""
+    factorisation is one dense tile per matrix like the ideal's) the two views agree exactly,
+    but for channel decay's 0/1 products: the cumsum's (``4 SUB C K`` per chunk) and the
+    sub-block offsets' in intra (:func:`offsets`)."""
     B, T, HV, K, V = 2, 3 * C, 2, 32, 16
     shape = Shape(B=B, T=T, H=1, HV=HV, K=K, V=V, C=C)
     ideal = {s.stage: s for s in account(transition, shape).rows("fwd")}
     plan = torch_plan(transition, chunks=shape.chunks, heads=HV, C=C, K=K, V=V)
-    for name in ("intra", "state", "output"):
+    for name in ("state", "output"):
         assert ideal[name].matmul == plan[name].counted_fwd, name
-    sums = 4 * min(SUB, C) * C * K * shape.chunks * HV if transition.decay is Decay.CHANNEL else 0
+    channel = transition.decay is Decay.CHANNEL
+    assert plan["intra"].counted_fwd - ideal["intra"].matmul == (offsets(C, K) * shape.chunks * HV if channel else 0)
+    sums = 4 * min(SUB, C) * C * K * shape.chunks * HV if channel else 0
     assert plan["cumsum"].counted_fwd - ideal["cumsum"].matmul == sums
 
 

@@ -19,7 +19,9 @@ How the PyTorch path differs from the ideal plan of :mod:`dplr.accounting.model`
   rest is products (``n (n + 1) 16² (K + V)``, counted). The backward of each block inverse is a
   second triangular solve (uncounted) and one ``16 x 16 x 16`` product.
 * ``cumsum``: channel decay sums each sub-block of ``SUB`` tokens by one product with a 0/1
-  ``[2 SUB, SUB]`` matrix (prefixes and suffixes), ``4 SUB C K`` FLOPs per chunk, counted.
+  ``[2 SUB, SUB]`` matrix (prefixes and suffixes), ``4 SUB C K`` FLOPs per chunk, counted; the
+  intra stage takes the sub-blocks' offsets (``s_p``, ``G_C - e_p``, ``-G_C``) from one more
+  small 0/1 product (:func:`offsets`).
 * exponentials: channel decay takes two per token and channel (``exp(G_i - s_p)``,
   ``exp(e_p - G_j)`` from sub-block sums) and a few per sub-block; start factors are shared by
   the rows of one kind (general ``a`` rows read the same factor shifted by one token).
@@ -48,6 +50,13 @@ class PlanStage:
     exps: int  # elements produced by aten.exp in the forward
 
 
+def offsets(C: int, K: int) -> int:
+    """FLOPs per chunk of channel decay's sub-block offsets: one ``[2 nb + 1, nb]`` 0/1 matrix
+    times the ``[nb, K]`` sub-block totals (``nb = C / SUB``)."""
+    nb = C // min(SUB, C)
+    return 2 * (2 * nb + 1) * nb * K
+
+
 def torch_plan(transition: Transition, *, chunks: int, heads: int, C: int, K: int, V: int) -> dict[str, PlanStage]:
     """Per stage (``cumsum, intra, solve, state, output``), for ``chunks`` chunks (padding
     included) of ``C`` tokens and ``heads`` value heads, keys of width ``K``, values ``V``."""
@@ -59,6 +68,7 @@ def torch_plan(transition: Transition, *, chunks: int, heads: int, C: int, K: in
 
     intra = matrices * 2 * C * C * K  # one dense tile per matrix (every chunk on the fast path)
     if decay is Decay.CHANNEL:
+        intra += offsets(C, K)
         # per token and channel exp(G_i - s_p) and exp(e_p - G_j); per sub-block exp(s_p) and
         # exp(G_C - e_p); per chunk exp(-G_C) for the factorised columns.
         intra_exps = 2 * C * K + 2 * nb * K + K
@@ -93,7 +103,8 @@ def torch_plan(transition: Transition, *, chunks: int, heads: int, C: int, K: in
 
     return dict(
         cumsum=stage(cumsum, bwd_extra=-cumsum),  # the backward's one product: the 0/1 matrix takes no gradient
-        intra=stage(intra, exps=intra_exps),
+        # the offsets' 0/1 matrix takes no gradient: one product of theirs in the backward
+        intra=stage(intra, bwd_extra=-offsets(C, K) if decay is Decay.CHANNEL else 0, exps=intra_exps),
         solve=stage(solve, bwd_extra=block_grad, uncounted=triangular),
         state=stage(state, exps=state_exps),
         output=stage(output),

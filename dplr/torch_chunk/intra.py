@@ -221,9 +221,9 @@ class _Split:
 
     def _split(self, G_end: torch.Tensor) -> None:
         """``G_end [..]`` (scalar) or ``[.., K]`` (channel): the chunks' whole decays."""
-        fast = (G_end if G_end.dim() == self.lead_dims else G_end.amin(-1)) >= -CHUNK_LIMIT
-        slow = ~fast.flatten()
-        count = int(slow.sum())
+        slow = G_end < -CHUNK_LIMIT
+        slow = (slow if G_end.dim() == self.lead_dims else slow.any(-1)).flatten()
+        count = int(slow.sum())  # one sync; in the common case (no slow chunk) the only op here
         self.any_fast = count < slow.numel()
         self.index = slow.nonzero().squeeze(1) if self.any_fast and count else None  # None: all or none slow
 
@@ -244,14 +244,15 @@ class _ChannelFactors(_Split):
     def __init__(self, decays: Decays, dtype: torch.dtype):
         *lead, nb, L, K = decays.local.shape
         self.lead_dims, self.shape = len(lead), (*lead, nb * L, K)
-        exp_starts = torch.exp(prefix_sums(decays.totals, -2))[..., None, :]  # exp(s_p)
+        # Per sub-block s_p and G_C - e_p, and -G_C, each summed as such over whole sub-blocks:
+        # one small product with a 0/1 matrix and one exp for all three (the clamp bites only on
+        # -G_C of slow chunks, whose products are replaced; s_p, G_C - e_p <= 0 pass through).
+        offsets = torch.exp((_offset_matrix(nb, decays.totals) @ decays.totals).clamp(max=CHUNK_LIMIT))
+        exp_starts, to_chunk_end = offsets[..., :nb, None, :], offsets[..., nb : 2 * nb, None, :]
         self.start = (torch.exp(decays.local) * exp_starts).reshape(self.shape)  # exp(G_i - s_p) exp(s_p)
-        to_chunk_end = torch.exp(suffix_sums(decays.totals, -2))[..., None, :]  # exp(G_C - e_p)
-        self.end_factor = (torch.exp(decays.rest) * to_chunk_end).reshape(self.shape)
+        self.end_factor = (torch.exp(decays.rest) * to_chunk_end).reshape(self.shape)  # .. exp(G_C - e_p)
         self._split(decays.G_end)
-        if self.any_fast:
-            # exp(-G_C): the clamp only bites in slow chunks, whose products are replaced.
-            self.from_end = torch.exp((-decays.G_end).clamp(max=CHUNK_LIMIT))[..., None, :]
+        self.from_end = offsets[..., 2 * nb :, :]  # exp(-G_C)  [.., 1, K]
         self.slow = None
         if not self.any_fast or self.index is not None:
             subset = decays if self.index is None else Decays(*(None if t is None else self.take(t) for t in decays))
@@ -265,6 +266,13 @@ class _ChannelFactors(_Split):
         # exp(G_{i-1}) is exp(G_i) shifted by one token (exactly 1 at the first): the rows are shifted
         # against it rather than a shifted copy of the factor made (one [C, K] tensor less to hold).
         return torch.cat([x[..., :1, :], self.start[..., :-1, :] * x[..., 1:, :]], dim=-2)
+
+
+def _offset_matrix(nb: int, like: torch.Tensor) -> torch.Tensor:
+    """``[2 nb + 1, nb]``: its product with sub-block totals gives, per sub-block ``p``, the decay
+    of the blocks before it (``s_p``), of the blocks after it (``G_C - e_p``), and ``-G_C``."""
+    ones = torch.ones(nb, nb, dtype=like.dtype, device=like.device)
+    return torch.cat([ones.tril(-1), ones.triu(1), -ones[:1]])
 
 
 class _ScalarFactors(_Split):
