@@ -193,13 +193,14 @@ class Pairwise:
         # true gradient under strong decay; taken exactly, they are also the most accurate pairs
         # (a product of factors rounds to 1 only within eps |G|). (A is a fresh tensor, so its
         # diagonals take them in place.)
-        offset = -2 if rows.prev else -1
-        # The exp(0) pairs' dot products first, before A exists.
+        # Where no graph is recorded they stay in the product: their value rounds like every
+        # other pair's, and there is no gradient to protect.
         exact = None
-        if rows.prev:
+        if rows.prev and torch.is_grad_enabled():
             exact = torch.linalg.vecdot(x[..., 1:, :], y[..., :-1, :])
-        elif not strict:
+        elif not strict and torch.is_grad_enabled():
             exact = torch.linalg.vecdot(x, y)
+        offset = (-1 if rows.prev or strict else 0) - (exact is not None)
         A = None
         if f.any_fast:
             A = (rows.start @ self.factorised(cols).hat.transpose(-1, -2)).tril_(offset)
