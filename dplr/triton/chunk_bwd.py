@@ -9,8 +9,9 @@ With ``dO' = scale · dO``, the tied form ``R = beta ⊙ (v - X S)``, ``P = M R`
   ``dQ_start = dO' Sᵀ``, ``dK_end = P dS'ᵀ``, ``dX = -dv Sᵀ``, ``d exp(G_C) = Σ_v S ⊙ dS'``;
   (general: ``R = X S + A_ak v``; none: ``P`` is ``v``);
 * :func:`chunk_grad_keys_kernel` (over channel slices): the solve backwards
-  (``dN = -Mᵀ dM Mᵀ``), the intra-chunk products backwards through the same sub-block factors
-  as the forward, the decayed vectors, and the gate: ``dg_t = Σ_{i>=t} dG_i + Σ_{i>t} dG^prev_i +
+  (``dN = -Mᵀ dM Mᵀ``), the intra-chunk products backwards (against the chunk's middle where
+  the slice decays by at most ``CHUNK_LIMIT``, as the forward; else by sub-blocks merged pairwise),
+  the decayed vectors, and the gate: ``dg_t = Σ_{i>=t} dG_i + Σ_{i>t} dG^prev_i +
   Σ_{i<t} (dK_end ⊙ K_end + dB_end ⊙ B_end)_i + d exp(G_C) exp(G_C)``. Pairs whose decay is
   exactly ``exp(0)`` (``j = i``; ``j = i - 1`` for the rank-one rows) pass no gradient to the
   gate: they are added apart from the others.

@@ -10,8 +10,8 @@ The math is that of :mod:`dplr.torch_chunk` (see its stage files):
   ``m_p``: row factors of at most ``exp(HALF_LIMIT)``, column factors ``<= 1`` for earlier
   blocks. A channel slice whose block strays further from its middle takes the block's start
   as reference instead (both factors ``<= 1``) and the exact element-wise product for the
-  block's own pairs. (The backward, :mod:`dplr.triton.chunk_bwd`, still merges sub-blocks
-  pairwise.)
+  block's own pairs. (The backward, :mod:`dplr.triton.chunk_bwd`, takes the same whole-chunk
+  products; on faster-decaying slices it goes by sub-blocks merged pairwise instead of row blocks.)
 * tied: ``M = (I + diag(beta) A_kk)⁻¹``; general: ``M = (I - A_ab)⁻¹``. The state pass forms
   the pseudo-values from them and the chunk's initial state ``S``:
   ``P = M (beta ⊙ (v - (k ⊙ exp(G)) S))`` (tied), ``P = M ((a ⊙ exp(G_prev)) S + A_ak v)`` (general).
