@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dplr.testing import MODES, make_inputs, op
+from dplr.testing import MODES, make_inputs, op, reference, rel_err
 from dplr.transition import FAMILIES
 from tests.helpers import TOL, assert_chaining, assert_packed_equals_separate, run_and_compare
 
@@ -28,6 +28,18 @@ def test_strong_decay(name, mode):
     """A gate of -30..-60 per step: finite outputs and gradients, still exact (fp32)."""
     args = make_inputs(name, B=1, T=70, H=1, HV=2, K=32, V=16, gate="strong", dtype=torch.float32)
     run_and_compare(name, mode, args, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("gate", ["normal", "strong"])
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_forward_without_graph(name, gate):
+    """Under no_grad (inference) the chunk path skips work only a graph needs; its outputs are
+    as exact, for chunks that take the whole-chunk factorisation and for those that do not."""
+    args = make_inputs(name, B=1, T=150, H=1, HV=2, K=32, V=16, gate=gate, dtype=torch.float32)
+    with torch.no_grad():
+        o, final = op(name, "chunk")(**args, output_final_state=True)
+    ref = reference(name, args)
+    assert rel_err(o, ref.output) < TOL[torch.float32] and rel_err(final, ref.final_state) < TOL[torch.float32]
 
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)

@@ -193,13 +193,16 @@ class Pairwise:
         # true gradient under strong decay; taken exactly, they are also the most accurate pairs
         # (a product of factors rounds to 1 only within eps |G|). (A is a fresh tensor, so its
         # diagonals take them in place.)
-        # Where no graph is recorded they stay in the product: their value rounds like every
-        # other pair's, and there is no gradient to protect.
+        # Where no graph is recorded they stay in the whole-chunk product: their value rounds like
+        # every other pair's, and there is no gradient to protect. The safe path's products never
+        # hold them (the scalar tile and the sub-blocks' strictly lower parts), so with a slow chunk
+        # they are taken exactly for every chunk.
         exact = None
-        if rows.prev and torch.is_grad_enabled():
-            exact = torch.linalg.vecdot(x[..., 1:, :], y[..., :-1, :])
-        elif not strict and torch.is_grad_enabled():
-            exact = torch.linalg.vecdot(x, y)
+        if torch.is_grad_enabled() or f.slow is not None:
+            if rows.prev:
+                exact = torch.linalg.vecdot(x[..., 1:, :], y[..., :-1, :])
+            elif not strict:
+                exact = torch.linalg.vecdot(x, y)
         offset = (-1 if rows.prev or strict else 0) - (exact is not None)
         A = None
         if f.any_fast:
