@@ -17,12 +17,15 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from dplr.triton.chunk_bwd import chunk_grad_keys_kernel, chunk_grad_values_kernel
+from dplr.triton.chunk_bwd import chunk_grad_keys_kernel
 from dplr.triton.columns import chunk_columns_bwd_kernel, chunk_columns_kernel
 from dplr.triton.intra import chunk_prepare_kernel
 from dplr.triton.state import chunk_state_bwd_kernel, chunk_state_kernel
+from dplr.triton.values_bwd import chunk_grad_key_sides_kernel, chunk_grad_values_kernel
 
 TARGET = GPUTarget("cuda", 90, 32)
+# The kernels' NS (num_stages) below are those of the launches: 1 where they set it, else Triton's
+# default of 3 (the pipelined loops hold that many copies of their loads in shared memory).
 # pointers in the inputs' dtype (the rest are fp32 buffers)
 _BF16 = {"q", "k", "v", "a", "b", "g", "beta", "o", "do", "dv"}
 _BF16 |= {"X_START", "A_AK", "Q_START", "K_END", "B_END", "A_QK", "A_QB", "A_READ"}
@@ -106,7 +109,7 @@ def main() -> None:
         print(f"{label}: prepare [{usage(k1)}]  state [{usage(k2)}]", flush=True)
         if vd:  # the column products made before the state passes
             columns = dict(HV=16, V=ns.V, C=ns.C, BV=cfg.BV_columns, MERGES=merges, LOWRANK=lowrank, STORE_O=True,
-                           PREC=cfg.precision, NS=1)  # fmt: skip
+                           PREC=cfg.precision, NS=3)  # fmt: skip
             print(f"  columns [{usage(compile_kernel(chunk_columns_kernel, columns, 4, ns.dtype))}]", flush=True)
         if ns.backward:  # at the backward's own chunk size (it recomputes the forward's quantities with it)
             bwd = configs.chunk_backward(K=ns.K, V=ns.V, C=ns.C, dtype=dtype, lowrank=LOWRANK_NAMES[lowrank])
@@ -117,15 +120,22 @@ def main() -> None:
             state_bwd.update(C=C, USE_DHT=True, STORE_DH0=True, NUM_STAGES=cfg.stages_state, NS=cfg.stages_state)
             k3 = compile_kernel(chunk_state_bwd_kernel, state_bwd, cfg.warps_state, ns.dtype)
             values = dict(HV=16, K=ns.K, V=ns.V, KP=triton.next_power_of_2(ns.K), C=C, BV=bwd.BV_values,
-                          MERGES=merges, DECAY=decay, LOWRANK=lowrank, VALUE_DECAY=vd,
-                          PREC=cfg.precision, NS=1)  # fmt: skip
+                          MERGES=merges, HOLD=bwd.hold_values, DECAY=decay, LOWRANK=lowrank, VALUE_DECAY=vd,
+                          PREC=cfg.precision, NS=bwd.stages_values)  # fmt: skip
             k4 = compile_kernel(chunk_grad_values_kernel, values, bwd.warps_values, ns.dtype)
+            sides = dict(HV=16, K=ns.K, V=ns.V, C=C, BK=bwd.BK_sides, BV=bwd.BV_sides, LOWRANK=lowrank,
+                         VALUE_DECAY=vd, PREC=cfg.precision, NS=3)  # fmt: skip
+            k4s = compile_kernel(chunk_grad_key_sides_kernel, sides, bwd.warps_sides, ns.dtype)
             keys = {key: prep[key] for key in ("H", "HV", "K", "DECAY", "LOWRANK", "PREC")}
-            keys.update(C=C, L=L, LEVELS=levels, BK=bwd.BK_keys, NS=1)
+            keys.update(C=C, L=L, LEVELS=levels, BK=bwd.BK_keys, NS=3)
             k5 = compile_kernel(chunk_grad_keys_kernel, keys, bwd.warps_keys, ns.dtype)
-            print(f"  backward (C = {C}): state [{usage(k3)}]  values [{usage(k4)}]  keys [{usage(k5)}]", flush=True)
+            print(
+                f"  backward (C = {C}): state [{usage(k3)}]  values [{usage(k4)}]  key sides [{usage(k4s)}]"
+                f"  keys [{usage(k5)}]",
+                flush=True,
+            )
             if vd and lowrank:
-                columns_bwd = dict(HV=16, V=ns.V, C=C, BV=cfg.BV_columns, MERGES=merges, PREC=cfg.precision, NS=1)
+                columns_bwd = dict(HV=16, V=ns.V, C=C, BV=cfg.BV_columns, MERGES=merges, PREC=cfg.precision, NS=3)
                 k6 = compile_kernel(chunk_columns_bwd_kernel, columns_bwd, 4, ns.dtype)
                 print(f"  backward columns [{usage(k6)}]", flush=True)
 

@@ -213,10 +213,18 @@ VARIANTS = {
     "chunk32": dict(C=32),
     "values8": dict(warps_values=8),
     "values16x8": dict(BV_values=16, warps_values=8),
+    "values16": dict(BV_values=16),
+    "values32": dict(BV_values=32),
+    "valuesS1": dict(stages_values=1),
+    "valuesS2": dict(stages_values=2),
     "values4": dict(warps_values=4),
     "keys32": dict(BK_keys=32),
     "keys8": dict(warps_keys=8),
     "keys32x8": dict(BK_keys=32, warps_keys=8),
+    "hold": dict(hold_values=True),
+    "reload": dict(hold_values=False),
+    "sides8": dict(warps_sides=8),
+    "sidesBV64": dict(BV_sides=64),
     "keep": {},  # the default launches, with DPLR_KEEP_INTERMEDIATES=1 (see ENV_VARIANTS)
 }
 # Variants that set environment variables rather than launch configurations.

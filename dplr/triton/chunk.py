@@ -6,8 +6,9 @@ block of value columns in parallel; sequential over the chunks of a sequence).
 
 Backward = the same two again (recomputing the per-chunk quantities and storing every chunk's
 initial state), then :func:`~dplr.triton.state.chunk_state_bwd_kernel` (the state's gradient,
-last chunk first), :func:`~dplr.triton.chunk_bwd.chunk_grad_values_kernel` and
-:func:`~dplr.triton.chunk_bwd.chunk_grad_keys_kernel` (every chunk in parallel).
+last chunk first), then per chunk in parallel :func:`~dplr.triton.values_bwd.chunk_grad_values_kernel`,
+:func:`~dplr.triton.values_bwd.chunk_grad_key_sides_kernel` and
+:func:`~dplr.triton.chunk_bwd.chunk_grad_keys_kernel`.
 
 A value-side decay ``gv`` adds launches of :mod:`dplr.triton.columns`: its per-chunk sums beside
 launch 1, the column-decayed products that do not read the state before the state pass, and
@@ -27,11 +28,12 @@ from ..engine import Problem
 from ..torch_chunk.layout import sequence_spans
 from ..transition import Decay, LowRank
 from . import configs
-from .chunk_bwd import chunk_grad_keys_kernel, chunk_grad_values_kernel
+from .chunk_bwd import chunk_grad_keys_kernel
 from .columns import chunk_columns_bwd_kernel, chunk_columns_kernel, chunk_value_sums_kernel
 from .intra import chunk_prepare_kernel
 from .state import chunk_state_bwd_kernel, chunk_state_kernel
 from .structure import constexprs
+from .values_bwd import chunk_grad_key_sides_kernel, chunk_grad_values_kernel
 
 # Checked against the fp64 reference on an H100 and an H200 (benchmarks/gpu_chunk.py: every
 # family, bf16 and fp32, varlen, all gradients, bit-identical across two passes), so
@@ -348,30 +350,44 @@ def backward(
         )  # fmt: skip
 
     dv = torch.empty(NT, HV, V, device=device, dtype=p.v.dtype)
-    # fp32 partial gradients, per token and value head: of the chunk matrices ([.., C]) and of
-    # the decayed vectors ([.., K]), from the values kernel to the keys kernel
+    # fp32 partial gradients, per token and value head: of the chunk matrices ([.., C]) and (below)
+    # of the decayed vectors ([.., K]), for the keys kernel
     dA_qk, dA_qb, dA_ak = f32(NT, HV, C), f32(NT, HV, C, used=general), f32(NT, HV, C, used=general)
     dM = f32(NT, HV, C, used=has_rank)
-    dq_start, dk_end = f32(NT, HV, K), f32(NT, HV, K)
-    db_end, dx = f32(NT, HV, K, used=general), f32(NT, HV, K, used=has_rank)
     dbeta = f32(NT, HV, used=tied)
     d_decay = f32(index.num_chunks, HV, K)
     dgv = f32(NT, HV, V, used=p.gv is not None)
+    # the values kernel's [C, V] factors of the decayed key vectors' gradients (see
+    # chunk_grad_key_sides_kernel; scale · dO and v are read from the inputs where they serve)
+    gv = p.gv is not None
+    stash_q, stash_k = f32(NT, HV, V, used=gv), f32(NT, HV, V, used=gv or tied)
+    stash_x, stash_b = f32(NT, HV, V, used=has_rank), f32(NT, HV, V, used=general)
     grid = (index.num_chunks, HV)
     if index.num_chunks:
         chunk_grad_values_kernel[grid](
             _tokens(p.v), do if beta is None else beta, do, states, d_states, prep.x_start, prep.M, prep.A_ak,
             prep.k_end, prep.b_end, prep.A_qk, prep.A_qb, prep.q_start, prep.decay_end, prep.GV,
             dv if u_col is None else u_col,
-            dv, dA_qk, dA_qb, dA_ak, dM, dq_start, dk_end, db_end, dx, dbeta, d_decay, dgv,
+            dv, dA_qk, dA_qb, dA_ak, dM, stash_q, stash_k, stash_x, stash_b, dbeta, d_decay, dgv,
             index.chunk_bos, index.chunk_len, p.scale,
-            HV=HV, K=K, V=V, KP=KP, C=C, BV=bwd.BV_values, MERGES=_merges(C), **structure,
-            PREC=cfg.precision, num_warps=bwd.warps_values,
+            HV=HV, K=K, V=V, KP=KP, C=C, BV=bwd.BV_values, MERGES=_merges(C), HOLD=bwd.hold_values, **structure,
+            PREC=cfg.precision, num_warps=bwd.warps_values, num_stages=bwd.stages_values,
         )  # fmt: skip
     G_cum, M_solve, A_kk, decay_end = prep.G, prep.M, prep.A_kk, prep.decay_end
-    # The chunk states, their gradients and the forward's other tiles (recomputed or kept) are done
-    # with: freed before the keys kernel's outputs exist, 2 x [chunks, HV, K, V] fp32 off the peak.
-    del prep, states, d_states, u_col, kept
+    # The forward's other tiles (recomputed or kept) are done with: freed before the decayed
+    # vectors' gradients exist, and the states with the stash before the keys kernel's outputs
+    # (2 x [chunks, HV, K, V] fp32 and up to 4 x [BT, HV, V] fp32 off the peak).
+    del prep, u_col, kept
+    dq_start, dk_end = f32(NT, HV, K), f32(NT, HV, K)
+    db_end, dx = f32(NT, HV, K, used=general), f32(NT, HV, K, used=has_rank)
+    if index.num_chunks:
+        chunk_grad_key_sides_kernel[(index.num_chunks, HV, triton.cdiv(K, bwd.BK_sides))](
+            _tokens(p.v), do, states, d_states, stash_q, stash_k, stash_x, stash_b, dq_start, dk_end, dx, db_end,
+            index.chunk_bos, index.chunk_len, p.scale,
+            HV=HV, K=K, V=V, C=C, BK=bwd.BK_sides, BV=bwd.BV_sides, LOWRANK=structure["LOWRANK"],
+            VALUE_DECAY=gv, PREC=cfg.precision, num_warps=bwd.warps_sides,
+        )  # fmt: skip
+    del states, d_states, stash_q, stash_k, stash_x, stash_b
     # the inputs' gradients per value head, summed over a key head's value heads below
     dq, dk = f32(NT, HV, K), f32(NT, HV, K)
     da, db = f32(NT, HV, K, used=general), f32(NT, HV, K, used=general)

@@ -95,8 +95,13 @@ class ChunkBackward:
     C: int  # the backward's chunk size (it recomputes the forward's quantities with it)
     BV_values: int  # value columns per step of the values kernel (it loops over all of V)
     warps_values: int
+    hold_values: bool  # the values kernel holds the chunk's tiles across its value blocks (else reloads them)
+    stages_values: int  # software pipelining of the values kernel's loop over value blocks
     BK_keys: int  # channel slice of the keys kernel
     warps_keys: int
+    BK_sides: int  # channel slice of the key-sides kernel (it loops over all of V)
+    BV_sides: int
+    warps_sides: int
 
 
 def chunk_backward(
@@ -122,12 +127,23 @@ def chunk_backward(
     KP, VP = triton.next_power_of_2(K), triton.next_power_of_2(V)
     return ChunkBackward(
         C=min(C, 32) if (lowrank == "general" or dtype == torch.float32) and not interpreting() else C,
-        BV_values=max(16, min(32, VP)),
+        # H200, (4, 8192, 16, 128), forward+backward, DPLR: blocks of 16 values 24.3 ms, of 32
+        # 30.2 (with 32, ptxas keeps the general form's values kernel at 168 registers and spills).
+        BV_values=16 if lowrank == "general" else max(16, min(32, VP)),
         # H200, (4, 8192, 16, 128), forward+backward: 8 warps for the values kernel without a
         # low-rank term (simple GLA 8.8 -> 6.6 ms, GLA 17.2 -> 14.9) but not with one (GDN
         # 13.0 -> 15.2); 8 for the keys kernel under a decay (KDA 29.3 -> 22.0, DPLR 87 -> 63,
         # GDN 13.0 -> 12.3) but not without (DeltaNet 11.3 -> 11.8).
         warps_values=8 if lowrank == "none" else 4,
+        # Holding the tiles in its loop over value blocks (H200, same shape): KDA 12.4 ms against
+        # 15.1 reloading them, GLA 6.8 against 6.9, DPLR (blocks of 32) 28.7 against 30.2. Past
+        # K = 128 they do not fit shared memory beside the pipelined loads.
+        hold_values=KP <= 128,
+        # Triton's default 3 stages need 336 KiB of shared memory at K = V = 256 (tied, sm_90).
+        stages_values=3 if KP <= 128 else 2,
         BK_keys=max(16, min(64, KP)),
         warps_keys=4 if decay == "none" else 8,
+        BK_sides=max(16, min(64, KP)),
+        BV_sides=max(16, min(32, VP)),
+        warps_sides=4,
     )
