@@ -185,6 +185,30 @@ def test_torch_plan_equals_flop_counter(transition, C):
             assert x.numel() == spec.elements * units[spec.unit] * HV, f"{transition} {stage.name}.{name}"
 
 
+@pytest.mark.parametrize("transition,C", COUNTED, ids=[f"{t.decay.value}-{t.lowrank.value}-{C}" for t, C in COUNTED])
+def test_torch_plan_without_graph(transition, C):
+    """A forward under no_grad: FlopCounterMode's matmul FLOPs and the exp count of every stage are
+    the plan's with ``recording=False`` (channel decay: no suffix sums, one exp per token fewer)."""
+    HV, K, V = 2, 16, 8
+    layout, x = chunked_inputs(transition, C=C, HV=HV, K=K, V=V)
+    plan = torch_plan(transition, chunks=layout.num_chunks, heads=HV, C=C, K=K, V=V, recording=False)
+    t, found = transition, {}
+
+    def stage(name, fn):
+        with torch.no_grad(), FlopCounterMode(display=False) as flops, ExpCounter() as exps:
+            result = fn()
+        found[name] = (flops.get_total_flops(), exps.count)
+        return result
+
+    decays = stage("cumsum", lambda: chunk_decays(x["g"], sub=min(SUB, C)))
+    intra = stage("intra", lambda: intra_chunk(t, q=x["q"], k=x["k"], a=x["a"], b=x["b"], decays=decays))
+    pseudo = stage("solve", lambda: pseudo_values(t, intra=intra, v=x["v"], beta=x["beta"]))
+    states = stage("state", lambda: state_pass(t, layout=layout, decays=decays, intra=intra, v=x["v"], pseudo=pseudo,
+                                               initial_state=x["initial_state"]))  # fmt: skip
+    stage("output", lambda: chunk_output(t, intra=intra, states=states, v=x["v"], scale=0.5))
+    assert found == {name: (p.counted_fwd, p.exps) for name, p in plan.items()}
+
+
 @pytest.mark.parametrize("C", CHUNK_SIZES)
 @pytest.mark.parametrize("transition", ALL_TRANSITIONS, ids=IDS)
 def test_ideal_differs_from_torch_plan_by_documented_terms(transition, C):

@@ -25,6 +25,10 @@ How the PyTorch path differs from the ideal plan of :mod:`dplr.accounting.model`
 * exponentials: channel decay takes two per token and channel (``exp(G_i - s_p)``,
   ``exp(e_p - G_j)`` from sub-block sums) and a few per sub-block; start factors are shared by
   the rows of one kind (general ``a`` rows read the same factor shifted by one token).
+* a forward that records no graph (``recording=False``: under ``torch.no_grad``, or on inputs
+  that do not require grad) with channel decay, all chunks on the whole-chunk path: the columns
+  come from the start factor by division, so the cumsum skips the suffix product (``2 SUB C K``
+  FLOPs per chunk) and intra the second ``exp`` per token and channel.
 * ``state``: as in the ideal plan, ``k_endᵀ V`` for all chunks at once, then per chunk
   ``P = U + W S`` and ``Bᵀ P`` (two small products per step of the loop).
 * the backward (autograd) recomputes nothing and takes no ``exp`` (it reuses ``exp``'s output).
@@ -57,9 +61,12 @@ def offsets(C: int, K: int) -> int:
     return 2 * (2 * nb + 1) * nb * K
 
 
-def torch_plan(transition: Transition, *, chunks: int, heads: int, C: int, K: int, V: int) -> dict[str, PlanStage]:
+def torch_plan(
+    transition: Transition, *, chunks: int, heads: int, C: int, K: int, V: int, recording: bool = True
+) -> dict[str, PlanStage]:
     """Per stage (``cumsum, intra, solve, state, output``), for ``chunks`` chunks (padding
-    included) of ``C`` tokens and ``heads`` value heads, keys of width ``K``, values ``V``."""
+    included) of ``C`` tokens and ``heads`` value heads, keys of width ``K``, values ``V``;
+    ``recording``: whether the forward records a graph (the backward's counts assume it does)."""
     decay, lowrank = transition.decay, transition.lowrank
     general = lowrank is LowRank.GENERAL
     n = chunks * heads
@@ -71,7 +78,7 @@ def torch_plan(transition: Transition, *, chunks: int, heads: int, C: int, K: in
         intra += offsets(C, K)
         # per token and channel exp(G_i - s_p) and exp(e_p - G_j); per sub-block exp(s_p) and
         # exp(G_C - e_p); per chunk exp(-G_C) for the factorised columns.
-        intra_exps = 2 * C * K + 2 * nb * K + K
+        intra_exps = (2 if recording else 1) * C * K + 2 * nb * K + K
     elif decay is Decay.SCALAR:
         # start factors per row kind (q and k rows share one; general a rows read G_{i-1}), the
         # end factor, and exp(-G_C).
@@ -80,7 +87,7 @@ def torch_plan(transition: Transition, *, chunks: int, heads: int, C: int, K: in
         intra_exps = 0
     state_exps = {Decay.NONE: 0, Decay.SCALAR: 1, Decay.CHANNEL: K}[decay]
     # channel decay: each sub-block's prefix and suffix sums as one [2 sub, sub] x [sub, K] product.
-    cumsum = 4 * min(SUB, C) * C * K if decay is Decay.CHANNEL else 0
+    cumsum = (4 if recording else 2) * min(SUB, C) * C * K if decay is Decay.CHANNEL else 0
 
     R = K + V  # right-hand sides of the solve
     b = BLOCK if C % BLOCK == 0 else C

@@ -6,7 +6,9 @@ a span of tokens. Taken as the difference of two chunk-long sums it would lose t
 kept short and, where two sums must be subtracted, held in fp64:
 
 * channel decay: sums inside sub-blocks of ``L`` tokens (at most ``L · |g|``) and the
-  sub-blocks' totals, in the compute dtype; the intra stage composes its factors from them;
+  sub-blocks' totals, in the compute dtype; the intra stage composes its factors from them (the
+  sums to each sub-block's end are made here where a graph is recorded through ``g``, else on
+  demand: :meth:`Decays.block_rest`);
 * scalar decay: chunk sums in fp64 (``[M, HV, C]``, small), each exponent rounded once to the
   compute dtype just before its ``exp`` (:func:`decay_factor`).
 
@@ -29,13 +31,20 @@ class Decays(NamedTuple):
     G: torch.Tensor | None = None  # scalar, fp64: G_i = g_1 + ... + g_i  [M, HV, C]
     to_end: torch.Tensor | None = None  # scalar, fp64: g_{i+1} + ... + g_C  [M, HV, C]
     local: torch.Tensor | None = None  # channel: g from the sub-block's start to i (inclusive)  [M, HV, nb, L, K]
-    rest: torch.Tensor | None = None  # channel: g after i to the sub-block's end  [M, HV, nb, L, K]
+    rest: torch.Tensor | None = None  # channel: g after i to the sub-block's end  [M, HV, nb, L, K] (see block_rest)
     totals: torch.Tensor | None = None  # channel: each sub-block's decay  [M, HV, nb, K]
     gates: torch.Tensor | None = None  # channel: g itself by sub-block  [M, HV, nb, L, K]
 
     def chunk_ends(self) -> Decays:
         """The whole chunks' decays alone (all the state pass reads): the per-token sums can go."""
         return Decays(self.G_end)
+
+    def block_rest(self) -> torch.Tensor:
+        """``rest``, made here if stage 1 did not (no graph through ``g``): a forward without a graph
+        whose chunks all take the whole-chunk factorisation never reads it (intra._ChannelFactors)."""
+        if self.rest is not None:
+            return self.rest
+        return _sum_matrices(self.gates.shape[-2], self.gates, True) @ self.gates
 
 
 def decay_factor(log_decay: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -71,13 +80,14 @@ def chunk_decays(g: torch.Tensor | None, *, sub: int) -> Decays:
     # as such, as suffix_sums does), and a CPU runs a small product faster than a cumsum, two flips
     # and a concatenation. Two products, not one with the matrices stacked: each sum comes out
     # contiguous, and a CPU parallelises the ``exp`` the intra stage takes of it only then.
-    prefix, suffix = _sum_matrices(sub, g.dtype, g.device)
-    local, rest = prefix @ blocks, suffix @ blocks  # [M, HV, nb, sub, K]
+    local = _sum_matrices(sub, blocks, False) @ blocks  # [M, HV, nb, sub, K]
+    recording = torch.is_grad_enabled() and g.requires_grad
+    rest = _sum_matrices(sub, blocks, True) @ blocks if recording else None
     totals = local[..., -1, :]
     return Decays(G_end=totals.sum(2), local=local, rest=rest, totals=totals, gates=blocks)
 
 
-def _sum_matrices(n: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[n, n]`` each: row ``i`` of the first sums entries ``0..i``, of the second ``i+1..n-1``."""
-    ones = torch.ones(n, n, dtype=dtype, device=device)
-    return ones.tril(), ones.triu(1)
+def _sum_matrices(n: int, like: torch.Tensor, suffix: bool) -> torch.Tensor:
+    """``[n, n]``: row ``i`` sums entries ``0..i`` (prefix) or ``i+1..n-1`` (suffix)."""
+    ones = torch.ones(n, n, dtype=like.dtype, device=like.device)
+    return ones.triu(1) if suffix else ones.tril()

@@ -80,7 +80,8 @@ def intra_chunk(
     # forward's peak memory, and on a CPU fresh pages cost time (see engine.chunk_fwd).
     if transition.decay is Decay.NONE:  # the inputs are the rows and columns themselves: made contiguous once
         q, k, a, b = (None if x is None else x.contiguous() for x in (q, k, a, b))
-    pairs = Pairwise(decays, transition.decay, q.dtype)
+    recording = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, a, b, *decays))
+    pairs = Pairwise(decays, transition.decay, q.dtype, recording=recording)
     lowrank = transition.lowrank
     q_rows, k_cols = pairs.rows(q), pairs.cols(k)
     k_rows = pairs.rows(k) if lowrank is LowRank.TIED else None
@@ -138,10 +139,11 @@ class Pairwise:
     and head (one sync; the PyTorch path runs on the CPU).
     """
 
-    def __init__(self, decays: Decays, decay: Decay, dtype: torch.dtype):
+    def __init__(self, decays: Decays, decay: Decay, dtype: torch.dtype, *, recording: bool = True):
+        self.recording = recording  # a graph is recorded through the inputs (see product)
         self.factors = None
         if decay is Decay.CHANNEL:
-            self.factors = _ChannelFactors(decays, dtype)
+            self.factors = _ChannelFactors(decays, dtype, recording=recording)
         elif decay is Decay.SCALAR:
             self.factors = _ScalarFactors(decays, dtype)
 
@@ -155,6 +157,9 @@ class Pairwise:
         f = self.factors
         if f is None:
             return _Cols(y, y)
+        if f.quick:  # factorised and end columns from y alone (see _ChannelFactors)
+            hat = torch.div(y, f.start, out=torch.empty_like(f.start))  # into the factor's (contiguous) layout
+            return _Cols(y, hat * f.chunk_decay, hat)
         # The factor first: the product takes its (contiguous) layout when y is a strided view.
         end = f.end_factor * y
         return _Cols(y, end, None, None if f.slow is None else f.slow.cols(f.take(y)))
@@ -193,12 +198,12 @@ class Pairwise:
         # true gradient under strong decay; taken exactly, they are also the most accurate pairs
         # (a product of factors rounds to 1 only within eps |G|). (A is a fresh tensor, so its
         # diagonals take them in place.)
-        # Where no graph is recorded they stay in the whole-chunk product: their value rounds like
-        # every other pair's, and there is no gradient to protect. The safe path's products never
+        # Where no graph is recorded (through the inputs) they stay in the whole-chunk product: their
+        # value rounds like every other pair's, and there is no gradient to protect. The safe path's products never
         # hold them (the scalar tile and the sub-blocks' strictly lower parts), so with a slow chunk
         # they are taken exactly for every chunk.
         exact = None
-        if torch.is_grad_enabled() or f.slow is not None:
+        if self.recording or f.slow is not None:
             if rows.prev:
                 exact = torch.linalg.vecdot(x[..., 1:, :], y[..., :-1, :])
             elif not strict:
@@ -218,6 +223,8 @@ class Pairwise:
 class _Split:
     """Which chunks (and heads) are fast, decided once on the host; the slow ones are gathered
     from the flattened leading dimensions and their results put back."""
+
+    quick = False  # columns straight from the start factor (channel decay without a graph)
 
     def release(self) -> None:
         """Drops the per-token factors (the slow path keeps its own)."""
@@ -241,22 +248,37 @@ class _Split:
 
 
 class _ChannelFactors(_Split):
-    """Per-channel factors of a chunk from its sub-block sums (stage 1): two ``exp`` per token
-    and channel (``exp(G_i - s_p)``, ``exp(e_p - G_j)``, both ``<= 1``), the rest one per
-    sub-block or chunk. ``s_p`` / ``e_p``: the decay just before / at the end of sub-block ``p``."""
+    """Per-channel factors of a chunk from its sub-block sums (stage 1): ``exp(G_i - s_p) <= 1``
+    per token and channel, ``s_p`` the decay just before sub-block ``p``; every other factor is
+    one ``exp`` per sub-block or chunk.
 
-    def __init__(self, decays: Decays, dtype: torch.dtype):
+    Columns read ``exp(G_C - G_j)`` and, factorised, ``exp(-G_j)``. Where a graph is recorded, or
+    some chunk decays too fast for the whole-chunk factorisation, the first is made from sums to
+    each sub-block's end (``exp(e_p - G_j)``, a second ``exp`` per token and channel) and the
+    second from it: each then passes gradients only to the gates it depends on. Without a graph
+    and with every chunk fast (:attr:`quick`), ``y ⊙ exp(-G_j)`` is ``y / exp(G_j)`` and
+    ``y ⊙ exp(G_C - G_j)`` that times ``exp(G_C)``: no second ``exp``, no sums to the block ends,
+    two passes fewer over ``[C, K]``. The values are as accurate (a pair's factor
+    ``exp(G_i) / exp(G_j)`` inside a sub-block shares ``exp(s_p)`` exactly); only their gradients
+    would differ, by terms that cancel up to rounding (for the last token, O(1) ones)."""
+
+    def __init__(self, decays: Decays, dtype: torch.dtype, *, recording: bool = True):
         *lead, nb, L, K = decays.local.shape
         self.lead_dims, self.shape = len(lead), (*lead, nb * L, K)
+        self._split(decays.G_end)
+        self.recording = recording  # a graph is recorded through the inputs
+        self.quick = self.any_fast and self.index is None and not recording
         # Per sub-block s_p and G_C - e_p, and -G_C, each summed as such over whole sub-blocks:
         # one small product with a 0/1 matrix and one exp for all three (the clamp bites only on
         # -G_C of slow chunks, whose products are replaced; s_p, G_C - e_p <= 0 pass through).
         offsets = torch.exp((_offset_matrix(nb, decays.totals) @ decays.totals).clamp(max=CHUNK_LIMIT))
         exp_starts, to_chunk_end = offsets[..., :nb, None, :], offsets[..., nb : 2 * nb, None, :]
-        self.start = (torch.exp(decays.local) * exp_starts).reshape(self.shape)  # exp(G_i - s_p) exp(s_p)
-        self.end_factor = (torch.exp(decays.rest) * to_chunk_end).reshape(self.shape)  # .. exp(G_C - e_p)
-        self._split(decays.G_end)
+        self.start = _times(torch.exp(decays.local), exp_starts, recording).reshape(self.shape)  # exp(G_i)
         self.from_end = offsets[..., 2 * nb :, :]  # exp(-G_C)  [.., 1, K]
+        if self.quick:
+            self.chunk_decay = torch.reciprocal(self.from_end)  # exp(G_C)
+        else:
+            self.end_factor = _times(torch.exp(decays.block_rest()), to_chunk_end, recording).reshape(self.shape)
         self.slow = None
         if not self.any_fast or self.index is not None:
             subset = decays if self.index is None else Decays(*(None if t is None else self.take(t) for t in decays))
@@ -269,7 +291,18 @@ class _ChannelFactors(_Split):
             return self.start * x
         # exp(G_{i-1}) is exp(G_i) shifted by one token (exactly 1 at the first): the rows are shifted
         # against it rather than a shifted copy of the factor made (one [C, K] tensor less to hold).
-        return torch.cat([x[..., :1, :], self.start[..., :-1, :] * x[..., 1:, :]], dim=-2)
+        if self.recording:
+            return torch.cat([x[..., :1, :], self.start[..., :-1, :] * x[..., 1:, :]], dim=-2)
+        out = torch.empty_like(self.start)  # no graph: written in place, no concatenation
+        out[..., :1, :] = x[..., :1, :]
+        torch.mul(self.start[..., :-1, :], x[..., 1:, :], out=out[..., 1:, :])
+        return out
+
+
+def _times(x: torch.Tensor, factor: torch.Tensor, recording: bool) -> torch.Tensor:
+    """``x ⊙ factor`` for a fresh ``x``: over ``x`` itself where no graph is recorded (a CPU saves
+    the fresh pages of a second tensor); a graph needs ``x`` (an ``exp``'s output) as it was."""
+    return x * factor if recording else x.mul_(factor)
 
 
 def _offset_matrix(nb: int, like: torch.Tensor) -> torch.Tensor:
@@ -368,7 +401,7 @@ class _Blocks:
         # The clamps only bite in unsafe blocks, whose results are replaced (values and gradients).
         self.col_up = torch.exp((mid[..., None, :] - self.local).clamp(max=HALF_LIMIT))
         self.row_to_mid = torch.exp((-mid).clamp(max=HALF_LIMIT))[..., None, :]
-        self.down = torch.exp(decays.rest)  # exp(e_p - G_j)
+        self.down = torch.exp(decays.block_rest())  # exp(e_p - G_j)
         self.starts = prefix_sums(self.totals, -2)  # s_p, from the chunk's start
         self.to_chunk_end = suffix_sums(self.totals, -2)  # from e_p to the chunk's end
         unsafe = torch.maximum(-mid, mid - self.totals).amax(-1) > HALF_LIMIT  # [.., nb]
