@@ -66,6 +66,10 @@ VARIANTS = {
     "values16": dict(BV_values=16),
     "values8": dict(warps_values=8),
     "values16x8": dict(BV_values=16, warps_values=8),
+    "reload": dict(hold_values=False),
+    "valuesS1": dict(stages_values=1),
+    "stages2": dict(stages_state=2),
+    "stages2S1": dict(stages_state=2, stages_values=1),
 }
 
 
