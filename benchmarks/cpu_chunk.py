@@ -7,9 +7,12 @@
    compute the same thing.
 
 Times are medians over interleaved repeats (the two implementations alternate, so that drift
-in a shared machine's speed hits both). Writes ``benchmarks/results/cpu_chunk.json``.
+in a shared machine's speed hits both). With ``--stages``, each family's chunk forward is then
+also timed stage by stage (``dplr.engine``'s stage functions wrapped in timers; warm forwards in a
+row, apart from the interleaved measurement; "other" is the rest: layout, gathers, the scatter).
+Writes ``benchmarks/results/cpu_chunk.json``.
 
-    python benchmarks/cpu_chunk.py [--repeats 7] [--families kda,gla]
+    python benchmarks/cpu_chunk.py [--repeats 7] [--families kda,gla] [--stages]
 """
 
 from __future__ import annotations
@@ -65,7 +68,47 @@ def _defaults(name: str) -> dict:
     return _with_defaults(name, {})
 
 
-def against_reference(families: list[str], repeats: int) -> list[dict]:
+STAGES = dict(cumsum="chunk_decays", intra="intra_chunk", solve="pseudo_values", state="state_pass",
+              output="chunk_output")  # fmt: skip
+
+
+def stage_times(fn, repeats: int) -> dict[str, float]:
+    """Median milliseconds of each stage of ``fn`` (a chunk forward) and of the whole call."""
+    from dplr import engine
+
+    spent, originals = dict.fromkeys(STAGES, 0.0), {stage: getattr(engine, f) for stage, f in STAGES.items()}
+
+    def timed(stage, f):
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return f(*args, **kwargs)
+            finally:
+                spent[stage] += time.perf_counter() - start
+
+        return run
+
+    samples = {stage: [] for stage in (*STAGES, "other", "total")}
+    try:
+        for stage, f in STAGES.items():
+            setattr(engine, f, timed(stage, originals[stage]))
+        fn()  # warm-up
+        for _ in range(repeats):
+            spent.update(dict.fromkeys(STAGES, 0.0))
+            start = time.perf_counter()
+            fn()
+            total = time.perf_counter() - start
+            for stage in STAGES:
+                samples[stage].append(spent[stage])
+            samples["other"].append(total - sum(spent.values()))
+            samples["total"].append(total)
+    finally:
+        for stage, f in STAGES.items():
+            setattr(engine, f, originals[stage])
+    return {stage: 1e3 * statistics.median(ts) for stage, ts in samples.items()}
+
+
+def against_reference(families: list[str], repeats: int, *, stages: bool = False) -> list[dict]:
     rows = []
     for name in families:
         args = make_inputs(name, dtype=torch.float32, initial_state=False, **SHAPE)
@@ -78,6 +121,10 @@ def against_reference(families: list[str], repeats: int) -> list[dict]:
         rows.append(row)
         print(f"{name:18s} chunk {1e3 * row['chunk_s']:8.1f} ms  token loop {1e3 * row['loop_s']:8.1f} ms  "
               f"x{row['speedup']:6.1f}  (error vs fp64 {error:.1e})", flush=True)  # fmt: skip
+        if stages:
+            with torch.no_grad():
+                row["stages_ms"] = stage_times(lambda c=chunk, a=args: c(**a), repeats)
+            print("    stages (ms): " + "  ".join(f"{k} {v:.1f}" for k, v in row["stages_ms"].items()), flush=True)
     return rows
 
 
@@ -119,6 +166,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--families", default=",".join(FAMILIES))
+    ap.add_argument("--stages", action="store_true", help="also time each family's forward stage by stage")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cpu_chunk.json"))
     ns = ap.parse_args()
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
@@ -127,7 +175,7 @@ def main() -> None:
     machine.update(date=time.strftime("%Y-%m-%d %H:%M"), load=os.getloadavg()[0])
     print(f"{machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, fp32, {SHAPE}")
     result = dict(machine=machine, shape=SHAPE, dtype="float32")
-    result["reference"] = against_reference(ns.families.split(","), ns.repeats)
+    result["reference"] = against_reference(ns.families.split(","), ns.repeats, stages=ns.stages)
     result["hf_gated_delta_rule"] = against_hf(ns.repeats)
     result["machine"]["load_after"] = os.getloadavg()[0]
     Path(ns.out).write_text(json.dumps(result, indent=1))
