@@ -65,9 +65,10 @@ def state_pass(
         steps(columns.end[..., None, :]), steps(columns.start), steps(columns.to_chunk_end))  # fmt: skip
     state = initial_state[layout.order].flatten(0, 1)
     # Where no graph is recorded, each step accumulates over tensors it owns: P over U (which only
-    # this pass reads; U's steps then hold every P), the next state over the fresh decayed state. A
-    # CPU saves a copy of the input and a fresh result per product (on benchmarks/cpu_chunk.py's
-    # shape, 2 cores, the state pass about 1 ms less per forward with a rank-one part).
+    # this pass reads; U's steps then hold every P), the next state over H's step or the fresh
+    # decayed state. A CPU saves a copy of the input and a fresh result per product (on
+    # benchmarks/cpu_chunk.py's shape, 2 cores, the state pass about 1 ms less per forward with a
+    # rank-one part).
     inputs = (H, write_key, decay_end, v, initial_state, *(() if pseudo is None else pseudo))
     over = not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs))
     over_U = over and pseudo is not None and start_ is None
@@ -76,10 +77,12 @@ def state_pass(
         current = state if n == state.shape[0] else state[:n]
         starts.append(current)
         nxt = current if column_ is None else current * column_[step]
-        if decay_ is not None:
-            nxt = nxt * decay_[step] if H_ is None else torch.addcmul(H_[step], decay_[step], nxt)
+        if decay_ is not None and H_ is None:
+            nxt = nxt * decay_[step]
+        elif decay_ is not None:  # (H is made here, for this pass only: without a graph its steps take the sums)
+            nxt = torch.addcmul(H_[step], decay_[step], nxt, out=H_[step] if over else None)
         elif H_ is not None:
-            nxt = H_[step] + nxt
+            nxt = torch.add(H_[step], nxt, out=H_[step] if over else None)
         if W_ is not None:
             if over_U:
                 P = torch.baddbmm(U_[step], W_[step], current, out=U_[step])
