@@ -87,13 +87,15 @@ def main() -> None:
     from dplr.triton import configs
 
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[ns.dtype]
-    # the tied pipeline depth
-    cfg = configs.chunk_forward(K=ns.K, V=ns.V, C=ns.C, dtype=dtype, device="cuda", value_decay=ns.value_decay)
     L = min(16, ns.C)
     levels = (ns.C // L).bit_length() - 1
     structures = [(2, 1), (2, 2), (2, 0)] if ns.value_decay else [(2, 1), (1, 1), (2, 2), (2, 0), (0, 1)]
     vd = ns.value_decay
     for decay, lowrank in structures:
+        # each structure's own launch configuration (pipeline depth, warps), as the launches take it
+        cfg = configs.chunk_forward(
+            K=ns.K, V=ns.V, C=ns.C, dtype=dtype, device="cuda", lowrank=LOWRANK_NAMES[lowrank], value_decay=vd
+        )
         prep = dict(H=16, HV=16, K=ns.K, C=ns.C, L=L, LEVELS=levels,
                     BK=cfg.BK, DECAY=decay, LOWRANK=lowrank,
                     PREC=cfg.precision, STORE_AKK=False, NS=1)  # fmt: skip
@@ -112,7 +114,15 @@ def main() -> None:
                            PREC=cfg.precision, NS=3)  # fmt: skip
             print(f"  columns [{usage(compile_kernel(chunk_columns_kernel, columns, 4, ns.dtype))}]", flush=True)
         if ns.backward:  # at the backward's own chunk size (it recomputes the forward's quantities with it)
-            bwd = configs.chunk_backward(K=ns.K, V=ns.V, C=ns.C, dtype=dtype, lowrank=LOWRANK_NAMES[lowrank])
+            name = LOWRANK_NAMES[lowrank]
+            decay_name = {0: "none", 1: "scalar", 2: "channel"}[decay]
+            bwd = configs.chunk_backward(
+                K=ns.K, V=ns.V, C=ns.C, dtype=dtype, lowrank=name, decay=decay_name, value_decay=vd
+            )
+            # the forward's configuration at the backward's chunk size (the state pass backwards takes it)
+            cfg = configs.chunk_forward(
+                K=ns.K, V=ns.V, C=bwd.C, dtype=dtype, device="cuda", lowrank=name, value_decay=vd
+            )
             C, L = bwd.C, min(16, bwd.C)
             merges, levels = C.bit_length() - 1, (C // L).bit_length() - 1
             names = ("HV", "K", "V", "KP", "BV", "DECAY", "LOWRANK", "VALUE_DECAY", "PREC")
