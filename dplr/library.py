@@ -17,6 +17,7 @@ import torch
 
 from . import settings
 from .engine import Problem, chunk_fwd
+from .torch_chunk import records_graph
 from .torch_recurrent import recurrent_fwd
 from .transition import Decay, LowRank, Transition
 
@@ -198,7 +199,7 @@ def _inputs(problem: Problem) -> list[torch.Tensor | None]:
 
 def needs_grad(problem: Problem) -> bool:
     """Whether autograd will ask this call for a gradient."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in _inputs(problem))
+    return records_graph(*_inputs(problem))
 
 
 def _keeps(problem: Problem, chunk_size: int, backend: str) -> bool:

@@ -23,6 +23,8 @@ from typing import NamedTuple
 
 import torch
 
+from . import records_graph
+
 
 class Decays(NamedTuple):
     """Cumulative log decays of a chunk; all ``None`` when the transition has no decay."""
@@ -81,7 +83,7 @@ def chunk_decays(g: torch.Tensor | None, *, sub: int) -> Decays:
     # and a concatenation. Two products, not one with the matrices stacked: each sum comes out
     # contiguous, and a CPU parallelises the ``exp`` the intra stage takes of it only then.
     local = _sum_matrices(sub, blocks, False) @ blocks  # [M, HV, nb, sub, K]
-    recording = torch.is_grad_enabled() and g.requires_grad
+    recording = records_graph(g)
     rest = _sum_matrices(sub, blocks, True) @ blocks if recording else None
     totals = local[..., -1, :]
     return Decays(G_end=totals.sum(2), local=local, rest=rest, totals=totals, gates=blocks)

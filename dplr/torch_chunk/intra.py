@@ -28,6 +28,7 @@ from typing import NamedTuple
 import torch
 
 from ..transition import Decay, LowRank, Transition
+from . import records_graph
 from .cumsum import Decays, decay_factor, prefix_sums, suffix_sums
 
 SUB = 16
@@ -80,7 +81,7 @@ def intra_chunk(
     # forward's peak memory, and on a CPU fresh pages cost time (see engine.chunk_fwd).
     if transition.decay is Decay.NONE:  # the inputs are the rows and columns themselves: made contiguous once
         q, k, a, b = (None if x is None else x.contiguous() for x in (q, k, a, b))
-    recording = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, a, b, *decays))
+    recording = records_graph(q, k, a, b, *decays)
     pairs = Pairwise(decays, transition.decay, q.dtype, recording=recording)
     lowrank = transition.lowrank
     q_rows, k_cols = pairs.rows(q), pairs.cols(k)

@@ -26,6 +26,7 @@ from typing import NamedTuple
 import torch
 
 from ..transition import LowRank, Transition
+from . import records_graph
 from .intra import ColumnDecay, Intra
 
 BLOCK = 16  # tokens per diagonal block of the triangular solve
@@ -104,7 +105,7 @@ def unit_lower_solve(
     if scales is not None:
         inverse = inverse * scales[..., None, :]  # D_p diag(beta_p)
     left = {p: N[:, p * b : (p + 1) * b, : p * b] for p in range(1, n)}  # N_p,<p  [.., b, p b]
-    grown = torch.is_grad_enabled() and any(t.requires_grad for t in (N, inverse, *(R for R, _ in rhs)))  # a graph
+    grown = records_graph(N, inverse, *(R for R, _ in rhs))
     out = []
     for R, f in rhs:
         operators = (inverse if f > 0 else -inverse).unbind(1)

@@ -25,6 +25,7 @@ from typing import NamedTuple
 import torch
 
 from ..transition import Decay, LowRank, Transition
+from . import records_graph
 from .cumsum import Decays, decay_factor
 from .intra import ColumnDecay, Intra
 from .layout import ChunkLayout
@@ -70,7 +71,7 @@ def state_pass(
     # benchmarks/cpu_chunk.py's shape, 2 cores, the state pass about 1 ms less per forward with a
     # rank-one part).
     inputs = (H, write_key, decay_end, v, initial_state, *(() if pseudo is None else pseudo))
-    over = not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs))
+    over = not records_graph(*inputs)
     over_U = over and pseudo is not None and start_ is None
     starts, Ps = [], []
     for step, n in enumerate(sizes):
@@ -113,7 +114,7 @@ def accumulate(acc: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor, *, beta: f
     it, and fresh pages for the result); a graph cannot be recorded through ``out=``, so there it
     is a new tensor."""
     args = (acc.flatten(0, -3), b1.flatten(0, -3), b2.flatten(0, -3))
-    recording = torch.is_grad_enabled() and any(t.requires_grad for t in args)
+    recording = records_graph(*args)
     if recording or not acc.is_contiguous():  # (only a contiguous acc is written by its flattened view)
         return torch.baddbmm(*args, beta=beta, alpha=alpha).view_as(acc)
     torch.baddbmm(*args, beta=beta, alpha=alpha, out=args[0])
