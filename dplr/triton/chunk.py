@@ -356,10 +356,10 @@ def backward(
     dM = f32(NT, HV, C, used=has_rank)
     dbeta = f32(NT, HV, used=tied)
     d_decay = f32(index.num_chunks, HV, K)
-    dgv = f32(NT, HV, V, used=p.gv is not None)
+    gv = p.gv is not None
+    dgv = f32(NT, HV, V, used=gv)
     # the values kernel's [C, V] factors of the decayed key vectors' gradients (see
     # chunk_grad_key_sides_kernel; scale · dO and v are read from the inputs where they serve)
-    gv = p.gv is not None
     stash_q, stash_k = f32(NT, HV, V, used=gv), f32(NT, HV, V, used=gv or tied)
     stash_x, stash_b = f32(NT, HV, V, used=has_rank), f32(NT, HV, V, used=general)
     grid = (index.num_chunks, HV)
