@@ -35,7 +35,8 @@ _I64 = {"chunk_bos", "seq_bos"}
 _I32 = {"chunk_len", "seq_len", "seq_chunk0"}
 
 
-def compile_kernel(fn, given: dict, num_warps: int, dtype: str = "bf16"):
+def compile_kernel(fn, given: dict, num_warps: int, dtype: str = "bf16", sixteen: frozenset = frozenset()):
+    """``sixteen``: more pointers in the inputs' dtype (the chunk states, where the backward keeps them so)."""
     signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in given:
@@ -46,7 +47,7 @@ def compile_kernel(fn, given: dict, num_warps: int, dtype: str = "bf16"):
             continue
         kind = (
             dtype
-            if name in _BF16
+            if name in _BF16 | sixteen
             else "fp64"
             if name in _FP64
             else "i64"
@@ -128,16 +129,17 @@ def main() -> None:
             names = ("HV", "K", "V", "KP", "BV", "DECAY", "LOWRANK", "VALUE_DECAY", "PREC")
             state_bwd = {key: state[key] for key in names}
             state_bwd.update(C=C, USE_DHT=True, STORE_DH0=True, NUM_STAGES=cfg.stages_state, NS=cfg.stages_state)
-            k3 = compile_kernel(chunk_state_bwd_kernel, state_bwd, cfg.warps_state, ns.dtype)
+            states16 = frozenset({"STATES", "DSTATES"} if bwd.states_bf16 else ())
+            k3 = compile_kernel(chunk_state_bwd_kernel, state_bwd, cfg.warps_state, ns.dtype, states16)
             values = dict(HV=16, K=ns.K, V=ns.V, KP=triton.next_power_of_2(ns.K), C=C, BV=bwd.BV_values,
                           MERGES=merges, HOLD=bwd.hold_values, DECAY=decay, LOWRANK=lowrank, VALUE_DECAY=vd,
-                          PREC=cfg.precision, NS=bwd.stages_values)  # fmt: skip
-            k4 = compile_kernel(chunk_grad_values_kernel, values, bwd.warps_values, ns.dtype)
+                          PREC=bwd.precision, NS=bwd.stages_values)  # fmt: skip
+            k4 = compile_kernel(chunk_grad_values_kernel, values, bwd.warps_values, ns.dtype, states16)
             sides = dict(HV=16, K=ns.K, V=ns.V, C=C, BK=bwd.BK_sides, BV=bwd.BV_sides, LOWRANK=lowrank,
-                         VALUE_DECAY=vd, PREC=cfg.precision, NS=3)  # fmt: skip
-            k4s = compile_kernel(chunk_grad_key_sides_kernel, sides, bwd.warps_sides, ns.dtype)
+                         VALUE_DECAY=vd, PREC=bwd.precision, NS=3)  # fmt: skip
+            k4s = compile_kernel(chunk_grad_key_sides_kernel, sides, bwd.warps_sides, ns.dtype, states16)
             keys = {key: prep[key] for key in ("H", "HV", "K", "DECAY", "LOWRANK", "PREC")}
-            keys.update(C=C, L=L, LEVELS=levels, BK=bwd.BK_keys, NS=3)
+            keys.update(C=C, L=L, LEVELS=levels, BK=bwd.BK_keys, PREC=bwd.precision_keys, NS=3)
             k5 = compile_kernel(chunk_grad_keys_kernel, keys, bwd.warps_keys, ns.dtype)
             print(
                 f"  backward (C = {C}): state [{usage(k3)}]  values [{usage(k4)}]  key sides [{usage(k4s)}]"

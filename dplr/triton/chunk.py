@@ -265,7 +265,7 @@ class Kept(NamedTuple):
 
     chunk_size: int
     prep: Prepared
-    states: torch.Tensor  # [NT, HV, K, V] fp32
+    states: torch.Tensor  # [NT, HV, K, V], bf16 for bf16 inputs (configs.ChunkBackward.states_bf16), else fp32
     u_col: torch.Tensor | None  # with gv and a rank-one part: see value_columns
 
 
@@ -285,11 +285,14 @@ def _backward_configs(p: Problem, chunk_size: int) -> tuple[configs.ChunkBackwar
     return bwd, cfg
 
 
-def _chunk_states(p: Problem, prep: Prepared, chunk_size: int, cfg: configs.ChunkForward, *, output: bool):
+def _chunk_states(
+    p: Problem, prep: Prepared, chunk_size: int, cfg: configs.ChunkForward, bwd: configs.ChunkBackward, *, output: bool
+):
     """The state pass that also stores every chunk's initial state: ``(o, final, states, u_col)``,
     ``u_col`` for the backward's values kernel (see :func:`value_columns`; ``None`` without gv)."""
     K, HV, V = p.q.shape[3], p.v.shape[2], p.v.shape[3]
-    states = torch.empty(prep.index.num_chunks, HV, K, V, device=p.q.device, dtype=torch.float32)
+    dtype = torch.bfloat16 if bwd.states_bf16 else torch.float32
+    states = torch.empty(prep.index.num_chunks, HV, K, V, device=p.q.device, dtype=dtype)
     columns = None if p.gv is None else value_columns(p, prep, chunk_size, cfg, output=output)
     o, final = state_pass(p, prep, chunk_size, cfg, states=states, output=output, columns=columns)
     return o, final, states, None if columns is None else columns[0]
@@ -301,7 +304,7 @@ def forward_keeping(problem: Problem, chunk_size: int) -> tuple[torch.Tensor, to
     GPU), so that what it keeps is what the backward reads; the output does not depend on it."""
     bwd, cfg = _backward_configs(problem, chunk_size)
     prep = prepare(problem, bwd.C, cfg, keep_akk=True)
-    o, final, states, u_col = _chunk_states(problem, prep, bwd.C, cfg, output=True)
+    o, final, states, u_col = _chunk_states(problem, prep, bwd.C, cfg, bwd, output=True)
     return o, final, Kept(bwd.C, prep, states, u_col)
 
 
@@ -322,7 +325,7 @@ def backward(
     C = bwd.C
     if kept is None:
         prep = prepare(p, C, cfg, keep_akk=True)
-        states, u_col = _chunk_states(p, prep, C, cfg, output=False)[2:]
+        states, u_col = _chunk_states(p, prep, C, cfg, bwd, output=False)[2:]
     elif kept.chunk_size != C:
         raise ValueError(f"kept intermediates were made at chunk size {kept.chunk_size}, the backward runs at {C}")
     else:
@@ -371,7 +374,7 @@ def backward(
             dv, dA_qk, dA_qb, dA_ak, dM, stash_q, stash_k, stash_x, stash_b, dbeta, d_decay, dgv,
             index.chunk_bos, index.chunk_len, p.scale,
             HV=HV, K=K, V=V, KP=KP, C=C, BV=bwd.BV_values, MERGES=_merges(C), HOLD=bwd.hold_values, **structure,
-            PREC=cfg.precision, num_warps=bwd.warps_values, num_stages=bwd.stages_values,
+            PREC=bwd.precision, num_warps=bwd.warps_values, num_stages=bwd.stages_values,
         )  # fmt: skip
     G_cum, M_solve, A_kk, decay_end = prep.G, prep.M, prep.A_kk, prep.decay_end
     # The forward's other tiles (recomputed or kept) are done with: freed before the decayed
@@ -385,7 +388,7 @@ def backward(
             _tokens(p.v), do, states, d_states, stash_q, stash_k, stash_x, stash_b, dq_start, dk_end, dx, db_end,
             index.chunk_bos, index.chunk_len, p.scale,
             HV=HV, K=K, V=V, C=C, BK=bwd.BK_sides, BV=bwd.BV_sides, LOWRANK=structure["LOWRANK"],
-            VALUE_DECAY=gv, PREC=cfg.precision, num_warps=bwd.warps_sides,
+            VALUE_DECAY=gv, PREC=bwd.precision, num_warps=bwd.warps_sides,
         )  # fmt: skip
     del states, d_states, stash_q, stash_k, stash_x, stash_b
     # the inputs' gradients per value head, summed over a key head's value heads below
@@ -400,7 +403,7 @@ def backward(
             decay_end, dbeta, dq, dk, da, db, dq if dg is None else dg,
             index.chunk_bos, index.chunk_len,
             H=H, HV=HV, K=K, C=C, **_sub_blocks(C), BK=bwd.BK_keys,
-            PREC=cfg.precision, num_warps=bwd.warps_keys, **constexprs(p.transition),
+            PREC=bwd.precision_keys, num_warps=bwd.warps_keys, **constexprs(p.transition),
         )  # fmt: skip
 
     def key_grad(x: torch.Tensor, like: torch.Tensor | None) -> torch.Tensor | None:

@@ -24,13 +24,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .intra import LIMIT, WHOLE, _chunk_rows, _gather_G, _key_slices, _load_rows, _store_rows
+from .intra import LIMIT, WHOLE, _chunk_rows, _gather_G, _key_slices, _load_rows, _mm, _store_rows
 from .structure import DECAY_CHANNEL, DECAY_NONE, DECAY_SCALAR, LOWRANK_GENERAL, LOWRANK_NONE, LOWRANK_TIED
-
-
-@triton.jit
-def _mm(x, y, PREC: tl.constexpr):
-    return tl.dot(x.to(tl.float32), y.to(tl.float32), input_precision=PREC)
 
 
 @triton.jit

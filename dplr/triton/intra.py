@@ -38,9 +38,23 @@ WHOLE = tl.constexpr(CHUNK_LIMIT)  # a chunk decaying less in every channel is f
 
 
 @triton.jit
+def _mm(x, y, PREC: tl.constexpr):
+    """``x @ y``, summed in fp32. Operands of one 16-bit dtype (tiles as stored) take the 16-bit
+    tensor cores: their products are exact, as on tf32. Other pairs are widened to fp32 and
+    multiplied at ``PREC``; ``PREC="bf16"`` rounds both operands to bf16 instead (the backward's
+    variant, see :class:`dplr.triton.configs.ChunkBackward`)."""
+    if PREC == "bf16":
+        return tl.dot(x.to(tl.bfloat16), y.to(tl.bfloat16))
+    elif x.dtype == y.dtype:
+        return tl.dot(x, y, input_precision=PREC)
+    else:
+        return tl.dot(x.to(tl.float32), y.to(tl.float32), input_precision=PREC)
+
+
+@triton.jit
 def _dot_t(x, y, PREC: tl.constexpr):
-    """``x yᵀ`` for ``[C, BK]`` tiles, accumulated in fp32."""
-    return tl.dot(x, tl.trans(y), input_precision=PREC)
+    """``x yᵀ`` for ``[C, BK]`` tiles (see :func:`_mm`)."""
+    return _mm(x, tl.trans(y), PREC)
 
 
 @triton.jit

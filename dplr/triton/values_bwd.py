@@ -27,9 +27,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .chunk_bwd import _exclusive_sums, _mm
+from .chunk_bwd import _exclusive_sums
 from .columns import column_factors, column_product_bwd
-from .intra import _chunk_rows, _dot_t, _load_rows, _store_rows
+from .intra import _chunk_rows, _dot_t, _load_rows, _mm, _store_rows
 from .state import _state_offsets
 from .structure import DECAY_NONE, LOWRANK_GENERAL, LOWRANK_NONE, LOWRANK_TIED
 
@@ -86,10 +86,13 @@ def chunk_grad_values_kernel(
         vcols = v0 + tl.arange(0, BV)
         state_mask = (kk < K)[:, None] & (vcols < V)[None, :]
         state = _state_offsets(cid, hv, kk, vcols, HV, K, V)
-        S = tl.load(STATES + state, mask=state_mask, other=0.0)
-        dS = tl.load(DSTATES + state, mask=state_mask, other=0.0)
-        v_c = _load_rows(v + hv * V, bos, i, valid, HV * V, vcols, V).to(tl.float32)
-        do_c = _load_rows(do + hv * V, bos, i, valid, HV * V, vcols, V).to(tl.float32) * scale
+        # The tiles as stored (the states in bf16 for bf16 inputs, see configs.ChunkBackward) meet
+        # in _mm on the 16-bit tensor cores; fp32 copies serve the elementwise work.
+        S16 = tl.load(STATES + state, mask=state_mask, other=0.0)
+        dS16 = tl.load(DSTATES + state, mask=state_mask, other=0.0)
+        v16 = _load_rows(v + hv * V, bos, i, valid, HV * V, vcols, V)
+        do16 = _load_rows(do + hv * V, bos, i, valid, HV * V, vcols, V)
+        S, dS, v_c, do_c = S16.to(tl.float32), dS16.to(tl.float32), v16.to(tl.float32), do16.to(tl.float32) * scale
         if HOLD:
             A_qk, k_end, x_c, m_c = held_A_qk, held_k_end, held_x_c, held_m_c
         else:
@@ -171,10 +174,10 @@ def chunk_grad_values_kernel(
             do_c = do_c * start_v
             dS = dS * chunk_v[None, :]
         elif LOWRANK == LOWRANK_TIED:
-            Rv = v_c - _mm(x_c, S, PREC)
+            Rv = v_c - _mm(x_c, S16, PREC)
             P = _mm(m_c, beta_c[:, None] * Rv, PREC)
             dA_qk += _dot_t(do_c, P, PREC)
-            dP = _mm(tl.trans(A_qk), do_c, PREC) + _mm(k_end, dS, PREC)
+            dP = scale * _mm(tl.trans(A_qk), do16, PREC) + _mm(k_end, dS16, PREC)
             dR = _mm(tl.trans(m_c), dP, PREC)
             dM += _dot_t(dP, beta_c[:, None] * Rv, PREC)
             dbeta += tl.sum(Rv * dR, axis=1)
@@ -185,20 +188,20 @@ def chunk_grad_values_kernel(
             A_qb = _load_rows(A_QB + hv * C, bos, i, valid, HV * C, i, C)
             A_ak = _load_rows(A_AK + hv * C, bos, i, valid, HV * C, i, C)
             b_end = _load_rows(B_END + hv * K, bos, i, valid, HV * K, kk, K)
-            R = _mm(x_c, S, PREC) + _mm(A_ak, v_c, PREC)
+            R = _mm(x_c, S16, PREC) + _mm(A_ak, v16, PREC)
             P = _mm(m_c, R, PREC)
-            dA_qk += _dot_t(do_c, v_c, PREC)
+            dA_qk += scale * _dot_t(do16, v16, PREC)
             dA_qb += _dot_t(do_c, P, PREC)
-            dP = _mm(tl.trans(A_qb), do_c, PREC) + _mm(b_end, dS, PREC)
+            dP = scale * _mm(tl.trans(A_qb), do16, PREC) + _mm(b_end, dS16, PREC)
             dR = _mm(tl.trans(m_c), dP, PREC)
             dM += _dot_t(dP, R, PREC)
             dA_ak += _dot_t(dR, v_c, PREC)
-            dv_c = _mm(tl.trans(A_qk), do_c, PREC) + _mm(k_end, dS, PREC) + _mm(tl.trans(A_ak), dR, PREC)
+            dv_c = scale * _mm(tl.trans(A_qk), do16, PREC) + _mm(k_end, dS16, PREC) + _mm(tl.trans(A_ak), dR, PREC)
             _store_rows(STASH_B + hv * V, P, bos, i, valid, HV * V, vcols, V)
             _store_rows(STASH_X + hv * V, dR, bos, i, valid, HV * V, vcols, V)
         else:
-            dA_qk += _dot_t(do_c, v_c, PREC)
-            dv_c = _mm(tl.trans(A_qk), do_c, PREC) + _mm(k_end, dS, PREC)
+            dA_qk += scale * _dot_t(do16, v16, PREC)
+            dv_c = scale * _mm(tl.trans(A_qk), do16, PREC) + _mm(k_end, dS16, PREC)
         if VALUE_DECAY:
             _store_rows(STASH_Q + hv * V, do_c, bos, i, valid, HV * V, vcols, V)
         _store_rows(dv + hv * V, dv_c, bos, i, valid, HV * V, vcols, V)
@@ -248,17 +251,16 @@ def chunk_grad_key_sides_kernel(
         vcols = v0 + tl.arange(0, BV)
         state = _state_offsets(cid, hv, kk, vcols, HV, K, V)
         state_mask = (kk < K)[:, None] & (vcols < V)[None, :]
-        S = tl.load(STATES + state, mask=state_mask, other=0.0)
+        S = tl.load(STATES + state, mask=state_mask, other=0.0)  # as stored: see the values kernel
         dS = tl.load(DSTATES + state, mask=state_mask, other=0.0)
         if VALUE_DECAY:
-            left_q = _load_rows(STASH_Q + hv * V, bos, i, valid, HV * V, vcols, V)
+            dq_start += _dot_t(_load_rows(STASH_Q + hv * V, bos, i, valid, HV * V, vcols, V), S, PREC)
         else:
-            left_q = _load_rows(do + hv * V, bos, i, valid, HV * V, vcols, V).to(tl.float32) * scale
+            dq_start += scale * _dot_t(_load_rows(do + hv * V, bos, i, valid, HV * V, vcols, V), S, PREC)
         if VALUE_DECAY or LOWRANK == LOWRANK_TIED:
             left_k = _load_rows(STASH_K + hv * V, bos, i, valid, HV * V, vcols, V)
         else:
-            left_k = _load_rows(v + hv * V, bos, i, valid, HV * V, vcols, V).to(tl.float32)
-        dq_start += _dot_t(left_q, S, PREC)
+            left_k = _load_rows(v + hv * V, bos, i, valid, HV * V, vcols, V)
         dk_end += _dot_t(left_k, dS, PREC)
         if LOWRANK != LOWRANK_NONE:
             dx += _dot_t(_load_rows(STASH_X + hv * V, bos, i, valid, HV * V, vcols, V), S, PREC)
