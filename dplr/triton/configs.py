@@ -142,8 +142,9 @@ def chunk_backward(
         # 15.1 reloading them, GLA 6.8 against 6.9, DPLR (blocks of 32) 28.7 against 30.2. Past
         # K = 128 they do not fit shared memory beside the pipelined loads.
         hold_values=KP <= 128,
-        # Triton's default 3 stages need 336 KiB of shared memory at K = V = 256 (tied, sm_90).
-        stages_values=3 if KP <= 128 else 2,
+        # Past K = 128 it runs unpipelined: at K = V = 256 (tied, sm_90, bf16 states) 3 stages
+        # need 336 KiB of shared memory and 2 need 240 KiB, over Hopper's 227.
+        stages_values=3 if KP <= 128 else 1,
         BK_keys=max(16, min(64, KP)),
         warps_keys=4 if decay == "none" else 8,
         BK_sides=max(16, min(64, KP)),
