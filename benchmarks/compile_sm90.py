@@ -29,6 +29,7 @@ TARGET = GPUTarget("cuda", 90, 32)
 # pointers in the inputs' dtype (the rest are fp32 buffers)
 _BF16 = {"q", "k", "v", "a", "b", "g", "beta", "o", "do", "dv"}
 _BF16 |= {"X_START", "A_AK", "Q_START", "K_END", "B_END", "A_QK", "A_QB", "A_READ"}
+_BF16 |= {"dq", "dk", "da", "db"}  # the keys kernel's outputs with one value head per key head (HV = H below)
 LOWRANK_NAMES = {0: "none", 1: "tied", 2: "general"}  # the LOWRANK constexpr's values, by name
 _FP64 = {"GV_CUM"}  # the value side's cumulative decays
 _I64 = {"chunk_bos", "seq_bos"}

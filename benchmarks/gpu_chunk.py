@@ -230,6 +230,7 @@ VARIANTS = {
     "bf16keys": dict(precision_keys="bf16"),  # the keys kernel's
     "values64x8": dict(BV_values=64, warps_values=8),
     "states32": dict(states_bf16=False),  # chunk states and their gradients in fp32
+    "stash16": dict(stash_bf16=True),  # the values kernel's factors for the key sides in bf16
     "keep": {},  # the default launches, with DPLR_KEEP_INTERMEDIATES=1 (see ENV_VARIANTS)
 }
 # Variants that set environment variables rather than launch configurations.

@@ -216,8 +216,8 @@ def chunk_grad_keys_kernel(
     DECAY: tl.constexpr, LOWRANK: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """One (chunk, value head), over channel slices of ``BK``. Writes ``dq, dk, da, db [BT, HV, K]``
-    fp32 (summed over a key head's value heads on the host), ``dg [BT, HV(, K)]`` fp32 and adds
-    the solve's share to ``DBETA``."""
+    (in the inputs' dtype, or fp32 to be summed over a key head's value heads on the host),
+    ``dg [BT, HV(, K)]`` fp32 (its scans pass through it) and adds the solve's share to ``DBETA``."""
     cid, hv, bos, n, i, valid = _chunk_rows(chunk_bos, chunk_len, C)
     h = hv // (HV // H)
     incl = i[:, None] >= i[None, :]

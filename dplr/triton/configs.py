@@ -105,6 +105,7 @@ class ChunkBackward:
     precision: str  # products of the values and key-sides kernels that meet fp32 tiles (see below)
     precision_keys: str  # the keys kernel's
     states_bf16: bool  # every chunk's state and its gradient stored in bf16 (else fp32)
+    stash_bf16: bool  # the values kernel's factors for the key-sides kernel stored in bf16 (else fp32)
 
 
 def chunk_backward(
@@ -162,4 +163,5 @@ def chunk_backward(
         # shape, checked: worst gradient error 3.5e-3 (DPLR db; 3.0e-3 for the others). fp16 keeps
         # fp32 states: fp16 tops out at 65504, where a long sum of k vᵀ can reach.
         states_bf16=dtype == torch.bfloat16,
+        stash_bf16=False,
     )

@@ -236,7 +236,7 @@ def chunk_grad_key_sides_kernel(
     gradient, summed over value blocks in registers: ``DQ_START = Lq Sᵀ``, ``DX = Lx Sᵀ``,
     ``DK_END = Lk dS'ᵀ``, ``DB_END = Lb dS'ᵀ`` (fp32 ``[BT, HV, K]``). ``Lq`` is ``scale · dO``
     and, without a low-rank term, ``Lk`` is ``v``, read from the inputs; the others come from
-    the ``STASH_*`` buffers (fp32 ``[BT, HV, V]``).
+    the ``STASH_*`` buffers (``[BT, HV, V]``, fp32 or bf16: ``configs.ChunkBackward.stash_bf16``).
 
     A kernel of its own because the values kernel would otherwise carry these ``C x K``
     accumulators across its value blocks beside its own ``C x C`` ones (spilling), or add to
