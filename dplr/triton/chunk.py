@@ -238,7 +238,8 @@ def state_pass(
     B, T, _, K = p.q.shape
     HV, V = p.v.shape[2], p.v.shape[3]
     index, device = prep.index, p.q.device
-    o = torch.empty(B, T, HV, V, device=device, dtype=p.v.dtype)
+    # output=False (the backward's recomputation) writes no output: an empty stand-in
+    o = torch.empty(*(B, T, HV, V) if output else (0, HV, V), device=device, dtype=p.v.dtype)
     final = torch.empty(index.num_seqs, HV, K, V, device=device, dtype=torch.float32)
     h0 = None if p.initial_state is None else p.initial_state.to(torch.float32).contiguous()
     if p.gv is not None and columns is None:
