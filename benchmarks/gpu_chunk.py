@@ -8,7 +8,9 @@
    fraction of the roofline floor (dplr.accounting, with the card's measured rates).
 
 Writes ``benchmarks/results/gpu_chunk_<card>.json`` and a PNG made from it; prints a short
-table last. fla-core is optional (``pip install --no-deps --target /tmp/site fla_core-0.6.0``).
+table last. fla-core is optional (``pip install --no-deps --target /tmp/site fla_core-0.6.0``);
+its autotuning choices are cached under ``TRITON_CACHE_DIR`` (``TRITON_CACHE_AUTOTUNING=1``, set
+unless given), so a later run on the same kind of card skips the tuning.
 
     python benchmarks/gpu_chunk.py [--families kda,dplr_delta_rule] [--shapes 0,1] [--no-fla]
 """
@@ -42,6 +44,11 @@ TOL = {torch.bfloat16: 5e-3, torch.float16: 5e-3, torch.float32: 1e-4}
 
 
 def load_fla():
+    # fla-core's kernels autotune on their first call at each shape (minutes, cold), in every
+    # process. Cached on disk (under TRITON_CACHE_DIR; Triton's own switch), the choices made by an
+    # earlier process or run are reused: the timing measures the same kernels, only sooner. Set
+    # before fla-core is imported: its autotuners read the switch when they are made.
+    os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
     try:
         import fla.ops as ops
         from fla.ops.generalized_delta_rule import chunk_dplr_delta_rule
