@@ -122,9 +122,9 @@ def chunk_backward(
     K = V = 128, C = 64: 3-8 KiB of stack per thread). The keys kernel's dot operands take
     shared memory per C x C matrix, twice over for tf32x3: at C = 64 the general form (bf16:
     288 KiB) and fp32 inputs (KDA: 288 KiB) exceed Hopper's 227 KiB, so those run the backward
-    with chunks of 32 (general fp32: 72 KiB). At K = V = 256 (sm_90 compiles on a CPU, not run on
-    a GPU yet) every build fits at those sizes (largest: KDA bf16 at C = 64, values kernel 176 KiB;
-    the general form at C = 32, 72 KiB, but with 32 registers and 5-14 KiB of stack per thread).
+    with chunks of 32 (general fp32: 72 KiB). At K = V = 256 every build fits at those sizes
+    (benchmarks/results/compile_sm90_K256.log; bf16 checked on an H100 for every family,
+    gpu_chunk_H100_7b5fb41.json).
     The interpreter has no such limit and keeps the caller's chunk size, so CI's fp32 tests still
     cover the C = 64 kernels that bf16 runs. ``value_decay`` (gv) takes the same launches; it is
     an argument so that benchmarks/gpu_value_decay.py can time variants of the gv kernels alone."""
