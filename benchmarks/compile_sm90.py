@@ -60,7 +60,10 @@ def compile_kernel(fn, given: dict, num_warps: int, dtype: str = "bf16", sixteen
         signature[name] = "*" + kind
         attrs[(i,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(source, target=TARGET, options={"num_warps": num_warps, "num_stages": given.get("NS", 2)})
+    options = {"num_warps": num_warps, "num_stages": given.get("NS", 2)}
+    if given.get("PTXAS"):  # the launch's ptxas options (configs.ChunkBackward.ptxas_values)
+        options["ptx_options"] = given["PTXAS"]
+    return triton.compile(source, target=TARGET, options=options)
 
 
 def usage(kernel) -> str:
@@ -134,7 +137,7 @@ def main() -> None:
             k3 = compile_kernel(chunk_state_bwd_kernel, state_bwd, cfg.warps_state, ns.dtype, states16)
             values = dict(HV=16, K=ns.K, V=ns.V, KP=triton.next_power_of_2(ns.K), C=C, BV=bwd.BV_values,
                           MERGES=merges, HOLD=bwd.hold_values, DECAY=decay, LOWRANK=lowrank, VALUE_DECAY=vd,
-                          PREC=bwd.precision, NS=bwd.stages_values)  # fmt: skip
+                          PREC=bwd.precision, NS=bwd.stages_values, PTXAS=bwd.ptxas_values)  # fmt: skip
             k4 = compile_kernel(chunk_grad_values_kernel, values, bwd.warps_values, ns.dtype, states16)
             sides = dict(HV=16, K=ns.K, V=ns.V, C=C, BK=bwd.BK_sides, BV=bwd.BV_sides, LOWRANK=lowrank,
                          VALUE_DECAY=vd, PREC=bwd.precision, NS=3)  # fmt: skip

@@ -379,7 +379,7 @@ def backward(
             dv, dA_qk, dA_qb, dA_ak, dM, stash_q, stash_k, stash_x, stash_b, dbeta, d_decay, dgv,
             index.chunk_bos, index.chunk_len, p.scale,
             HV=HV, K=K, V=V, KP=KP, C=C, BV=bwd.BV_values, MERGES=_merges(C), HOLD=bwd.hold_values, **structure,
-            PREC=bwd.precision, num_warps=bwd.warps_values, num_stages=bwd.stages_values,
+            PREC=bwd.precision, num_warps=bwd.warps_values, num_stages=bwd.stages_values, ptx_options=bwd.ptxas_values,
         )  # fmt: skip
     G_cum, M_solve, A_kk, decay_end = prep.G, prep.M, prep.A_kk, prep.decay_end
     # The forward's other tiles (recomputed or kept) are done with: freed before the decayed

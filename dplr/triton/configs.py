@@ -97,6 +97,7 @@ class ChunkBackward:
     warps_values: int
     hold_values: bool  # the values kernel holds the chunk's tiles across its value blocks (else reloads them)
     stages_values: int  # software pipelining of the values kernel's loop over value blocks
+    ptxas_values: str | None  # ptxas options of the values kernel (None: Triton's)
     BK_keys: int  # channel slice of the keys kernel
     warps_keys: int
     BK_sides: int  # channel slice of the key-sides kernel (it loops over all of V)
@@ -146,6 +147,10 @@ def chunk_backward(
         # Past K = 128 it runs unpipelined: at K = V = 256 (tied, sm_90, bf16 states) 3 stages
         # need 336 KiB of shared memory and 2 need 240 KiB, over Hopper's 227.
         stages_values=3 if KP <= 128 else 1,
+        # fp32 inputs past K = 128: at ptxas's default -O3 every structure's values kernel came out
+        # at 32 registers with 10-15 KiB of stack (sm_90 compile, K = V = 256; 29 KB of spill stores
+        # for KDA); at -O1, 255 registers and 5.5 KiB. Chosen from the compile, not yet timed.
+        ptxas_values="-O1" if dtype == torch.float32 and KP > 128 else None,
         BK_keys=max(16, min(64, KP)),
         warps_keys=4 if decay == "none" else 8,
         BK_sides=max(16, min(64, KP)),
