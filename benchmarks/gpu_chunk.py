@@ -158,6 +158,7 @@ CASES = (
     (torch.float16, None, 128, 128),
     (torch.bfloat16, None, 256, 256),
     (torch.bfloat16, None, 64, 32),
+    (torch.float32, None, 256, 256),  # the values kernel's ptxas -O1 build (configs.ChunkBackward.ptxas_values)
 )
 
 
