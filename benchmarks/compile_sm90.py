@@ -137,13 +137,13 @@ def main() -> None:
             k3 = compile_kernel(chunk_state_bwd_kernel, state_bwd, cfg.warps_state, ns.dtype, states16)
             values = dict(HV=16, K=ns.K, V=ns.V, KP=triton.next_power_of_2(ns.K), C=C, BV=bwd.BV_values,
                           MERGES=merges, HOLD=bwd.hold_values, DECAY=decay, LOWRANK=lowrank, VALUE_DECAY=vd,
-                          PREC=bwd.precision, NS=bwd.stages_values, PTXAS=bwd.ptxas_values)  # fmt: skip
+                          PREC=cfg.precision, NS=bwd.stages_values, PTXAS=bwd.ptxas_values)  # fmt: skip
             k4 = compile_kernel(chunk_grad_values_kernel, values, bwd.warps_values, ns.dtype, states16)
             sides = dict(HV=16, K=ns.K, V=ns.V, C=C, BK=bwd.BK_sides, BV=bwd.BV_sides, LOWRANK=lowrank,
-                         VALUE_DECAY=vd, PREC=bwd.precision, NS=3)  # fmt: skip
+                         VALUE_DECAY=vd, PREC=cfg.precision, NS=3)  # fmt: skip
             k4s = compile_kernel(chunk_grad_key_sides_kernel, sides, bwd.warps_sides, ns.dtype, states16)
             keys = {key: prep[key] for key in ("H", "HV", "K", "DECAY", "LOWRANK", "PREC")}
-            keys.update(C=C, L=L, LEVELS=levels, BK=bwd.BK_keys, PREC=bwd.precision_keys, NS=3)
+            keys.update(C=C, L=L, LEVELS=levels, BK=bwd.BK_keys, NS=3)
             k5 = compile_kernel(chunk_grad_keys_kernel, keys, bwd.warps_keys, ns.dtype)
             print(
                 f"  backward (C = {C}): state [{usage(k3)}]  values [{usage(k4)}]  key sides [{usage(k4s)}]"

@@ -233,9 +233,6 @@ VARIANTS = {
     "reload": dict(hold_values=False),
     "sides8": dict(warps_sides=8),
     "sidesBV64": dict(BV_sides=64),
-    "bf16dots": dict(precision="bf16", precision_keys="bf16"),  # the per-chunk backward kernels' dots on bf16
-    "bf16vs": dict(precision="bf16"),  # the values and key-sides kernels' dots on bf16 operands
-    "bf16keys": dict(precision_keys="bf16"),  # the keys kernel's
     "values64x8": dict(BV_values=64, warps_values=8),
     "states32": dict(states_bf16=False),  # chunk states and their gradients in fp32
     "stash16": dict(stash_bf16=True),  # the values kernel's factors for the key sides in bf16

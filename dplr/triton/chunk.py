@@ -333,13 +333,14 @@ def backward(
         prep, states, u_col = kept.prep, kept.states, kept.u_col
     index, NT, structure = prep.index, B * T, _structure(p)
 
-    def f32(*shape: int, used: bool = True) -> torch.Tensor:
-        return torch.empty(*shape if used else (0,), device=device, dtype=torch.float32)
+    def buffer(*shape: int, used: bool = True, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A buffer of ``shape`` (fp32 unless told), empty where ``used`` is false."""
+        return torch.empty(*shape if used else (0,), device=device, dtype=dtype)
 
     has_rank, general, tied = lowrank is not LowRank.NONE, lowrank is LowRank.GENERAL, lowrank is LowRank.TIED
     do = _tokens(d_out)
     d_states = torch.empty_like(states)
-    dh0 = f32(index.num_seqs, HV, K, V)
+    dh0 = buffer(index.num_seqs, HV, K, V)
     KP = triton.next_power_of_2(K)
     beta = _tokens(p.beta)
     if index.num_seqs:
@@ -356,20 +357,17 @@ def backward(
     dv = torch.empty(NT, HV, V, device=device, dtype=p.v.dtype)
     # fp32 partial gradients, per token and value head: of the chunk matrices ([.., C]) and (below)
     # of the decayed vectors ([.., K]), for the keys kernel
-    dA_qk, dA_qb, dA_ak = f32(NT, HV, C), f32(NT, HV, C, used=general), f32(NT, HV, C, used=general)
-    dM = f32(NT, HV, C, used=has_rank)
-    dbeta = f32(NT, HV, used=tied)
-    d_decay = f32(index.num_chunks, HV, K)
+    dA_qk, dA_qb, dA_ak = buffer(NT, HV, C), buffer(NT, HV, C, used=general), buffer(NT, HV, C, used=general)
+    dM = buffer(NT, HV, C, used=has_rank)
+    dbeta = buffer(NT, HV, used=tied)
+    d_decay = buffer(index.num_chunks, HV, K)
     gv = p.gv is not None
-    dgv = f32(NT, HV, V, used=gv)
+    dgv = buffer(NT, HV, V, used=gv)
     # the values kernel's [C, V] factors of the decayed key vectors' gradients (see
     # chunk_grad_key_sides_kernel; scale · dO and v are read from the inputs where they serve)
-    stash_dtype = torch.bfloat16 if bwd.stash_bf16 else torch.float32
-
-    def stash(used: bool) -> torch.Tensor:
-        return torch.empty(NT if used else 0, HV, V, device=device, dtype=stash_dtype)
-
-    stash_q, stash_k, stash_x, stash_b = stash(gv), stash(gv or tied), stash(has_rank), stash(general)
+    stash = torch.bfloat16 if bwd.stash_bf16 else torch.float32
+    stash_q, stash_k = buffer(NT, HV, V, used=gv, dtype=stash), buffer(NT, HV, V, used=gv or tied, dtype=stash)
+    stash_x, stash_b = buffer(NT, HV, V, used=has_rank, dtype=stash), buffer(NT, HV, V, used=general, dtype=stash)
     grid = (index.num_chunks, HV)
     if index.num_chunks:
         chunk_grad_values_kernel[grid](
@@ -379,21 +377,21 @@ def backward(
             dv, dA_qk, dA_qb, dA_ak, dM, stash_q, stash_k, stash_x, stash_b, dbeta, d_decay, dgv,
             index.chunk_bos, index.chunk_len, p.scale,
             HV=HV, K=K, V=V, KP=KP, C=C, BV=bwd.BV_values, MERGES=_merges(C), HOLD=bwd.hold_values, **structure,
-            PREC=bwd.precision, num_warps=bwd.warps_values, num_stages=bwd.stages_values, ptx_options=bwd.ptxas_values,
+            PREC=cfg.precision, num_warps=bwd.warps_values, num_stages=bwd.stages_values, ptx_options=bwd.ptxas_values,
         )  # fmt: skip
     G_cum, M_solve, A_kk, decay_end = prep.G, prep.M, prep.A_kk, prep.decay_end
     # The forward's other tiles (recomputed or kept) are done with: freed before the decayed
     # vectors' gradients exist, and the states with the stash before the keys kernel's outputs
     # (2 x [chunks, HV, K, V] fp32 and up to 4 x [BT, HV, V] fp32 off the peak).
     del prep, u_col, kept
-    dq_start, dk_end = f32(NT, HV, K), f32(NT, HV, K)
-    db_end, dx = f32(NT, HV, K, used=general), f32(NT, HV, K, used=has_rank)
+    dq_start, dk_end = buffer(NT, HV, K), buffer(NT, HV, K)
+    db_end, dx = buffer(NT, HV, K, used=general), buffer(NT, HV, K, used=has_rank)
     if index.num_chunks:
         chunk_grad_key_sides_kernel[(index.num_chunks, HV, triton.cdiv(K, bwd.BK_sides))](
             _tokens(p.v), do, states, d_states, stash_q, stash_k, stash_x, stash_b, dq_start, dk_end, dx, db_end,
             index.chunk_bos, index.chunk_len, p.scale,
             HV=HV, K=K, V=V, C=C, BK=bwd.BK_sides, BV=bwd.BV_sides, LOWRANK=structure["LOWRANK"],
-            VALUE_DECAY=gv, PREC=bwd.precision, num_warps=bwd.warps_sides,
+            VALUE_DECAY=gv, PREC=cfg.precision, num_warps=bwd.warps_sides,
         )  # fmt: skip
     del states, d_states, stash_q, stash_k, stash_x, stash_b
     # the inputs' gradients per value head. With one value head per key head the keys kernel
@@ -401,12 +399,9 @@ def backward(
     # 0.4-0.8 ms and 2 x 0.13 GiB of DeltaNet's peak at (4, 8192, 16, 128)); else in fp32,
     # summed over a key head's value heads below.
     grads = p.q.dtype if HV == H else torch.float32
-
-    def key_side(used: bool = True) -> torch.Tensor:
-        return torch.empty(NT if used else 0, HV, K, device=device, dtype=grads)
-
-    dq, dk, da, db = key_side(), key_side(), key_side(general), key_side(general)
-    dg = None if p.g is None else f32(NT, HV, *p.g.shape[3:])
+    dq, dk = buffer(NT, HV, K, dtype=grads), buffer(NT, HV, K, dtype=grads)
+    da, db = buffer(NT, HV, K, used=general, dtype=grads), buffer(NT, HV, K, used=general, dtype=grads)
+    dg = None if p.g is None else buffer(NT, HV, *p.g.shape[3:])
     if index.num_chunks:
         q, k, g, a, b = (_tokens(x) for x in (p.q, p.k, p.g, p.a, p.b))
         chunk_grad_keys_kernel[grid](
@@ -415,7 +410,7 @@ def backward(
             decay_end, dbeta, dq, dk, da, db, dq if dg is None else dg,
             index.chunk_bos, index.chunk_len,
             H=H, HV=HV, K=K, C=C, **_sub_blocks(C), BK=bwd.BK_keys,
-            PREC=bwd.precision_keys, num_warps=bwd.warps_keys, **constexprs(p.transition),
+            PREC=cfg.precision, num_warps=bwd.warps_keys, **constexprs(p.transition),
         )  # fmt: skip
 
     def key_grad(x: torch.Tensor, like: torch.Tensor | None) -> torch.Tensor | None:

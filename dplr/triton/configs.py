@@ -103,8 +103,6 @@ class ChunkBackward:
     BK_sides: int  # channel slice of the key-sides kernel (it loops over all of V)
     BV_sides: int
     warps_sides: int
-    precision: str  # products of the values and key-sides kernels that meet fp32 tiles (see below)
-    precision_keys: str  # the keys kernel's
     states_bf16: bool  # every chunk's state and its gradient stored in bf16 (else fp32)
     stash_bf16: bool  # the values kernel's factors for the key-sides kernel stored in bf16 (else fp32)
 
@@ -156,12 +154,6 @@ def chunk_backward(
         BK_sides=max(16, min(64, KP)),
         BV_sides=max(16, min(32, VP)),
         warps_sides=4,
-        # Rounding the fp32 operands of the values and key-sides kernels to bf16 ("bf16") as well
-        # took 7-12% off forward+backward (H200, (4, 8192, 16, 128), beside bf16 states: DeltaNet
-        # 7.02 -> 5.82 ms, KDA 12.41 -> 11.21) but raised the worst gradient error from
-        # 3.5e-3 to 4.1e-3 of the 5e-3 allowed (and the keys kernel's, the gates' to 5.3-6.9e-3).
-        precision="tf32x3" if dtype == torch.float32 else "tf32",
-        precision_keys="tf32x3" if dtype == torch.float32 else "tf32",
         # bf16 inputs: the states as the forward's state pass already rounds them for its output
         # product, half the memory of fp32 (DeltaNet at (4, 8192, 16, 128): 0.5 GiB less at the
         # peak), and products with the stored 16-bit tiles on the 16-bit tensor cores. H200, same

@@ -41,11 +41,11 @@ WHOLE = tl.constexpr(CHUNK_LIMIT)  # a chunk decaying less in every channel is f
 def _mm(x, y, PREC: tl.constexpr):
     """``x @ y``, summed in fp32. Operands of one 16-bit dtype (tiles as stored) take the 16-bit
     tensor cores: their products are exact, as on tf32. Other pairs are widened to fp32 and
-    multiplied at ``PREC``; ``PREC="bf16"`` rounds both operands to bf16 instead (the backward's
-    variant, see :class:`dplr.triton.configs.ChunkBackward`)."""
-    if PREC == "bf16":
-        return tl.dot(x.to(tl.bfloat16), y.to(tl.bfloat16))
-    elif x.dtype == y.dtype:
+    multiplied at ``PREC`` (tf32 for 16-bit inputs). Rounding those fp32 operands to bf16 as well
+    took 7-16% off the backward (H200, (4, 8192, 16, 128), forward+backward: DeltaNet 7.02 ->
+    5.82 ms with bf16 states) but raised the worst gradient error from 3.5e-3 to 4.1e-3 of the
+    5e-3 allowed, the gates' to 5.3-7.1e-3 (benchmarks/results/gpu_backward_precision_H200.json)."""
+    if x.dtype == y.dtype:
         return tl.dot(x, y, input_precision=PREC)
     else:
         return tl.dot(x.to(tl.float32), y.to(tl.float32), input_precision=PREC)

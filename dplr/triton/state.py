@@ -77,9 +77,8 @@ def chunk_state_kernel(
     """``o [BT, HV, V]``; states ``h0, ht [N, HV, K, V]`` fp32; per-sequence token offset,
     length and first chunk in ``seq_bos, seq_len, seq_chunk0``. For the backward it can store
     every chunk's initial state in ``STATES [NT, HV, K, V]`` (bf16 or fp32, the store rounds)
-    (and skip the output). With
-    ``VALUE_DECAY`` it reads the column-decayed products ``U_COL`` (and ``O_COL``) that
-    :func:`~dplr.triton.columns.chunk_columns_kernel` made beforehand."""
+    and skip the output. With ``VALUE_DECAY`` it reads the column-decayed products ``U_COL``
+    (and ``O_COL``) that :func:`~dplr.triton.columns.chunk_columns_kernel` made beforehand."""
     n = tl.program_id(0)
     hv = tl.program_id(1)
     vb = tl.program_id(2)
